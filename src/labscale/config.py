@@ -1,0 +1,133 @@
+"""The experiment file: schema (pydantic), loading, and one-line errors for every way it can be wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from labscale.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A model entry. The short form `- embedded:smollm2-135m-instruct` is the same as `- id: embedded:…`."""
+
+    id: str = Field(description="embedded:<name> | hf:<hub id or local path>")
+    name: Optional[str] = Field(None, description="display name in reports (default: id)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    device: str = "auto"
+    batch_size: int = Field(16, ge=1)
+    revision: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+
+class TaskSpec(_Strict):
+    """A task defined in the experiment file over a local CSV/JSONL/JSON/Parquet file or an HF dataset id."""
+
+    name: str
+    data: str = Field(description="path (relative to the experiment file) or hf:<dataset id>[:<split>]")
+    type: Literal["generate", "classify", "multiple_choice"]
+    input: str = Field(description="Jinja2 template over the row's columns")
+    target: str = Field(description="column holding the reference / label / gold choice")
+    instruction: str = ""
+    labels: list[str] = []
+    choices: Optional[Union[str, list[str]]] = Field(
+        None, description="multiple_choice: a column holding a list, or a list of columns"
+    )
+    metrics: Optional[list[str]] = None
+    main_metric: Optional[str] = None
+    id_column: Optional[str] = None
+    description: str = ""
+    license: str = "unknown"
+    split_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+
+
+class GenerationSpec(_Strict):
+    max_new_tokens: int = Field(64, ge=1)
+    cot_max_new_tokens: int = Field(256, ge=1, description="budget for the cot setting's reasoning + answer")
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = []
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    models: list[ModelSpec] = Field(min_length=1)
+    tasks: list[Union[str, TaskSpec]] = Field(min_length=1)
+    settings: list[str] = Field(["zero-shot"], min_length=1)
+    limit: Optional[int] = Field(None, ge=1, description="test examples per task (the first N of the seeded split)")
+    seed: int = 0
+    generation: GenerationSpec = GenerationSpec()
+    bootstrap_samples: int = Field(1000, ge=100)
+    base_dir: Path = Field(Path("."), exclude=True, description="where relative data paths resolve")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _short_models(cls, v):
+        if isinstance(v, list):
+            return [{"id": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for what, names in (
+            ("model", [m.label for m in self.models]),
+            ("task", [t if isinstance(t, str) else t.name for t in self.tasks]),
+            ("setting", self.settings),
+        ):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{what} listed twice: {', '.join(sorted(dup))}")
+        return self
+
+    def config_hash(self) -> str:
+        """Hash of everything that determines results (not the display-only base_dir)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union")))
+    msg = first["msg"].removeprefix("Value error, ")
+    where = f"at '{loc}'" if loc else "at the top level"
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"invalid experiment file {where}: {msg}{extra}"
+
+
+def parse_experiment(data: object, base_dir: Path = Path(".")) -> Experiment:
+    if not isinstance(data, dict):
+        raise ConfigError("the experiment file must be a YAML mapping", "start from examples/quickstart.yaml")
+    try:
+        return Experiment(**data, base_dir=base_dir)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e), "see the experiment file format in the README") from None
+    except TypeError as e:  # e.g. a key that is not a string
+        raise ConfigError(f"invalid experiment file: {e}", "see the experiment file format in the README") from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file '{path}' does not exist", "check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise ConfigError(f"malformed YAML in '{path}'{where}: {problem}", "fix the YAML syntax") from None
+    return parse_experiment(data, base_dir=path.resolve().parent)

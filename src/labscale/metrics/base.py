@@ -1,0 +1,49 @@
+"""The Metric protocol.
+
+A metric turns a run's outcomes into per-example statistics (an n × k array) and aggregates any subset of rows into
+one number. Keeping per-example statistics (rather than one score) is what makes bootstrap CIs, paired bootstrap
+between models, and re-reporting from the database possible for corpus-level metrics such as BLEU and weighted F1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from labscale.tasks.base import Example
+
+UNPARSEABLE = "<unparseable>"
+
+
+@dataclass
+class Outcome:
+    """What a model produced for one example.
+
+    `output` is the raw generation ("" for log-likelihood scoring); `prediction` the parsed answer: the summary
+    text, a label from the task's label set, a choice text, or UNPARSEABLE. `logprobs` holds one
+    summed log-probability per choice when the multiple-choice task was scored by log-likelihood.
+    """
+
+    example: Example
+    output: str
+    prediction: str
+    logprobs: list[float] | None = None
+    failed: str | None = None  # reason, when the model call failed (scored as wrong)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    description: str
+    per_example: Callable[[list[Outcome]], np.ndarray]  # -> (n, k) float array
+    aggregate: Callable[[np.ndarray], float] = lambda stats: float(np.mean(stats[:, 0]))
+    higher_is_better: bool = True
+
+    def stats(self, outcomes: list[Outcome]) -> np.ndarray:
+        s = np.asarray(self.per_example(outcomes), dtype=float)
+        return s.reshape(len(outcomes), -1)
+
+    def score(self, outcomes: list[Outcome]) -> float:
+        return self.aggregate(self.stats(outcomes))

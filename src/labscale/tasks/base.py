@@ -1,0 +1,111 @@
+"""The Task: examples with targets, an instruction, metrics, and a deterministic seeded train/dev/test split."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Literal
+
+from labscale.errors import ConfigError, DataError
+
+TaskType = Literal["generate", "classify", "multiple_choice"]
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation item.
+
+    `input` is the filled-in task input (without the instruction); `target` the reference text, gold label or gold
+    choice text. Multiple-choice items also carry `choices` and the `gold` index. Examples that share a `group`
+    (e.g. claims built from the same article) always land in the same split, so nothing leaks from train to test.
+    """
+
+    id: str
+    input: str
+    target: str
+    choices: tuple[str, ...] = ()
+    gold: int | None = None
+    group: str | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(eq=False)
+class Task:
+    """A task family instance. `load` returns every example; splitting and limits happen here, identically for all."""
+
+    name: str
+    description: str
+    type: TaskType
+    instruction: str
+    metrics: list[str]
+    main_metric: str
+    source: str
+    license: str
+    load: Callable[[], list[Example]] = field(repr=False)
+    labels: tuple[str, ...] = ()
+    split_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+    split_seed: int = 0
+    # Multiple choice scored by log-likelihood follows lm-evaluation-harness: context = `input`,
+    # continuation = target_delimiter + choice.
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+
+    def __post_init__(self) -> None:
+        if self.main_metric not in self.metrics:
+            raise ConfigError(f"task '{self.name}': main metric '{self.main_metric}' is not among its metrics {self.metrics}")
+        if self.type == "classify" and not self.labels:
+            raise ConfigError(f"task '{self.name}' is a classify task without labels", "list them under `labels:`")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ConfigError(f"task '{self.name}': split fractions {self.split_fractions} must be >= 0 and sum to 1")
+
+    @cached_property
+    def examples(self) -> list[Example]:
+        examples = self.load()
+        if not examples:
+            raise DataError(f"task '{self.name}' has an empty dataset", "check the data file or its filters")
+        ids = [e.id for e in examples]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"task '{self.name}' has duplicate example ids", "give every row a unique id")
+        return examples
+
+    @cached_property
+    def splits(self) -> dict[str, list[Example]]:
+        """Shuffle groups with `split_seed` and cut them by `split_fractions`; example order inside a split is seeded too."""
+        groups: dict[str, list[Example]] = {}
+        for ex in self.examples:
+            groups.setdefault(ex.group or ex.id, []).append(ex)
+        keys = sorted(groups)
+        random.Random(self.split_seed).shuffle(keys)
+        n = len(keys)
+        n_train = round(n * self.split_fractions[0])
+        n_dev = round(n * self.split_fractions[1])
+        cuts = {"train": keys[:n_train], "dev": keys[n_train : n_train + n_dev], "test": keys[n_train + n_dev :]}
+        return {name: [ex for k in ks for ex in groups[k]] for name, ks in cuts.items()}
+
+    def split(self, name: str, limit: int | None = None) -> list[Example]:
+        """Examples of one split; `limit` takes the first N, which is deterministic because the split is seeded."""
+        if name not in SPLITS:
+            raise ConfigError(f"unknown split '{name}'", f"use one of {', '.join(SPLITS)}")
+        examples = self.splits[name]
+        if not examples:
+            raise DataError(
+                f"task '{self.name}' has an empty {name} split ({len(self.examples)} examples in all)",
+                "add data or change the task's split fractions",
+            )
+        return examples if limit is None else examples[:limit]
+
+    def info(self) -> dict:
+        """Summary for `labscale tasks` and the report."""
+        sizes = {k: len(v) for k, v in self.splits.items()}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "type": self.type,
+            "metrics": self.metrics,
+            "main_metric": self.main_metric,
+            "splits": sizes,
+            "source": self.source,
+            "license": self.license,
+        }
