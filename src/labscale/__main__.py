@@ -1,0 +1,3 @@
+from labscale.cli import main
+
+main()

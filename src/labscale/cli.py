@@ -1,0 +1,154 @@
+"""The `labscale` command. Imports nothing heavy at module level: torch loads only inside commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Can a small open model compete with a large closed one on your task, and at what cost?",
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_DB_DIR = Path("runs")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _default_db(name: str) -> Path:
+    return DEFAULT_DB_DIR / f"{name}.db"
+
+
+def _open_store(db: Path):
+    import sqlite3
+
+    from labscale.engine.store import Store
+    from labscale.errors import LabscaleError
+
+    try:
+        return Store(db)
+    except sqlite3.DatabaseError as e:
+        raise LabscaleError(f"'{db}' is not a usable labscale database ({e})", "pass another --db path") from None
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="experiment YAML file"),
+    db: Optional[Path] = typer.Option(None, help="SQLite database (default: runs/<experiment name>.db)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="test examples per task (overrides the file's limit)"),
+) -> None:
+    """Run every model × task × setting of an experiment, store the results, and write the report."""
+    from rich.console import Console
+
+    from labscale.config import load_experiment
+    from labscale.engine.plan import environment, plan_experiment
+    from labscale.engine.runner import Runner
+    from labscale.report.markdown import write_report
+
+    console = Console(stderr=True)
+    exp = load_experiment(file)
+    with console.status("planning: loading tasks and tokenizers, checking prompts…"):
+        plans = plan_experiment(exp, limit)
+    db = db or _default_db(exp.name)
+    store = _open_store(db)  # opened only after everything validated: bad input leaves the database untouched
+    try:
+        config = exp.model_dump(mode="json")
+        if limit:
+            config["limit"] = limit
+        exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, environment(),
+                                        [p.record() for p in plans])
+        runner = Runner(store, console, exp.bootstrap_samples)
+        runner.run_all(plans)
+        store.finish_experiment(exp_id)
+    finally:
+        store.close()
+    report = write_report(db)
+    g, ll = runner.generations, runner.loglikelihoods
+    typer.echo(f"database: {db}")
+    typer.echo(f"report: {report}")
+    typer.echo(f"log-likelihood requests: {ll.new} new, {ll.cached} cached")
+    typer.echo(f"generations: {g.new + ll.new} new, {g.cached + ll.cached} cached")
+
+
+@app.command()
+def report(
+    db: Optional[Path] = typer.Option(None, help="database written by `labscale run` (default: the only one in runs/)"),
+    out: Optional[Path] = typer.Option(None, help="markdown file (default: beside the database, .md)"),
+    experiment: Optional[str] = typer.Option(None, help="experiment name (default: the latest in the database)"),
+) -> None:
+    """Regenerate the report from the database alone."""
+    from labscale.errors import LabscaleError
+    from labscale.report.markdown import write_report
+
+    if db is None:
+        found = sorted(DEFAULT_DB_DIR.glob("*.db"))
+        if len(found) != 1:
+            raise LabscaleError(
+                f"found {len(found)} databases in {DEFAULT_DB_DIR}/" if found else f"no database in {DEFAULT_DB_DIR}/",
+                "pass --db PATH",
+            )
+        db = found[0]
+    import sqlite3
+
+    try:
+        path = write_report(db, out, experiment)
+    except sqlite3.DatabaseError as e:
+        raise LabscaleError(f"'{db}' is not a usable labscale database ({e})", "pass another --db path") from None
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the builtin tasks: description, split sizes, metrics, data source and licence."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from labscale.tasks.registry import list_tasks
+
+    t = Table("task", "type", "description", "train/dev/test", "metrics (main first)", "source · licence")
+    for task in list_tasks():
+        info = task.info()
+        s = info["splits"]
+        metrics = [info["main_metric"]] + [m for m in info["metrics"] if m != info["main_metric"]]
+        t.add_row(task.name, task.type, task.description, f"{s['train']}/{s['dev']}/{s['test']}",
+                  ", ".join(metrics), f"{task.source} · {task.license}")
+    Console().print(t)
+
+
+@app.command()
+def models() -> None:
+    """List the embedded models: size, licence, and whether they are installed and converted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from labscale.models.embedded import list_embedded
+
+    t = Table("model", "parameters", "licence", "installed", "converted", "description")
+    for m in list_embedded():
+        t.add_row(f"embedded:{m['name']}", str(m["params"]), m["license"], "yes" if m["installed"] else "no",
+                  "yes" if m["converted"] else "no", m["description"])
+    Console().print(t)
+    typer.echo("Any transformers causal LM also works as hf:<hub id or local folder>.")
+
+
+def main() -> None:
+    from labscale.errors import LabscaleError
+
+    try:
+        app()
+    except LabscaleError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished work is stored — run the same command again to resume", 130)
+
+
+if __name__ == "__main__":
+    main()

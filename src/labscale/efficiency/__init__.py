@@ -1,0 +1,1 @@
+"""Efficiency measurement: latency, throughput, peak memory."""

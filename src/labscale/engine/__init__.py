@@ -1,0 +1,1 @@
+"""Evaluation engine: plan the grid, run it through the generation cache, store results."""

@@ -1,0 +1,150 @@
+"""Expand an experiment into runs (model × task × setting) and validate everything before any work starts.
+
+Planning resolves models (fingerprints, tokenizers — no weights), loads task data, builds and renders every prompt
+and checks it against the model's context. Anything wrong surfaces here as a LabscaleError, before the database
+is opened, so bad input never leaves a half-written database behind.
+
+Context rule: a prompt whose tokens plus the generation budget (max_new_tokens; cot_max_new_tokens for cot) exceed
+the model's context length — or, for log-likelihood scoring, whose context plus longest choice does — is an
+error naming the example. labscale never truncates a prompt silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+from labscale.config import Experiment, ModelSpec
+from labscale.errors import ModelError
+from labscale.models.base import DecodingParams, ModelBackend
+from labscale.settings.setting import Setting, check_shots, chat_prompt, loglikelihood_prompt, parse_setting, protocol_for
+from labscale.tasks.base import Example, Task
+
+# Bump when prompt construction or answer parsing changes, so stored runs are not mistaken for new ones.
+PROMPT_FORMAT_VERSION = 1
+_PACKAGES = ("labscale", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "rouge-score",
+             "sacrebleu", "bert-score", "scikit-learn", "numpy")
+
+
+def sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def environment() -> dict:
+    import os
+    import platform
+
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "packages": versions}
+
+
+@dataclass
+class Item:
+    """One example of a run: its prompt (rendered text, or log-likelihood context) and model requests."""
+
+    example: Example
+    prompt: str
+    tokens: int  # prompt tokens (context tokens for log-likelihood)
+    continuations: list[str] = field(default_factory=list)  # log-likelihood protocol only
+
+
+@dataclass
+class RunPlan:
+    id: str
+    model: ModelSpec
+    backend: ModelBackend
+    task: Task
+    setting: Setting
+    protocol: str  # "generate" | "loglikelihood"
+    decoding: DecodingParams
+    items: list[Item]
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.label} · {self.task.name} · {self.setting.name}"
+
+    def record(self) -> dict:
+        """The run row the store keeps (everything but results)."""
+        info = self.backend.info
+        return {
+            "id": self.id, "task": self.task.name, "model": self.model.label, "model_fingerprint": info.fingerprint,
+            "setting": self.setting.name, "protocol": self.protocol, "n_examples": len(self.items), "seed": self.seed,
+            "decoding": self.decoding.key(), "task_info": {**self.task.info(), "labels": list(self.task.labels)},
+            "model_info": {**asdict(info), "spec": self.model.model_dump()},
+        }
+
+
+def _decoding(exp: Experiment, setting: Setting) -> DecodingParams:
+    g = exp.generation
+    budget = g.cot_max_new_tokens if setting.kind == "cot" else g.max_new_tokens
+    return DecodingParams(max_new_tokens=budget, temperature=g.temperature, top_p=g.top_p, stop=tuple(g.stop),
+                          seed=exp.seed)
+
+
+def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, examples: list[Example],
+           seed: int, budget: int) -> list[Item]:
+    items = []
+    ctx = backend.info.context_length
+    for ex in examples:
+        if protocol == "loglikelihood":
+            prompt, continuations = loglikelihood_prompt(task, setting, ex, seed)
+            tokens = backend.count_tokens(prompt)
+            need = tokens + max(backend.count_tokens(c) for c in continuations)
+            what = "context plus its longest choice"
+        else:
+            prompt, continuations = backend.render(chat_prompt(task, setting, ex, seed)), []
+            tokens = backend.count_tokens(prompt)
+            need = tokens + budget
+            what = f"prompt plus max_new_tokens={budget}"
+        if need > ctx:
+            raise ModelError(
+                f"example '{ex.id}' of task '{task.name}' ({setting.name}) needs {need} tokens ({what}) but "
+                f"model '{backend.info.name}' has a context of {ctx}",
+                "use fewer shots, a lower max_new_tokens, shorter inputs, or a model with a longer context",
+            )
+        items.append(Item(ex, prompt, tokens, continuations))
+    return items
+
+
+def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
+    from labscale.metrics.registry import get_metric
+    from labscale.models.registry import resolve_model
+    from labscale.tasks.registry import get_task
+
+    limit = limit or exp.limit
+    settings = [parse_setting(s) for s in exp.settings]
+    tasks = [get_task(t, exp.base_dir) for t in exp.tasks]
+    for task in tasks:
+        for name in task.metrics:
+            get_metric(name)
+        for setting in settings:
+            check_shots(task, setting)
+    test_sets = {task.name: task.split("test", limit) for task in tasks}
+    backends = [resolve_model(spec) for spec in exp.models]
+
+    plans = []
+    for spec, backend in zip(exp.models, backends):
+        for task in tasks:
+            for setting in settings:
+                protocol = protocol_for(task, setting, backend.supports_loglikelihood)
+                decoding = _decoding(exp, setting)
+                items = _items(task, setting, protocol, backend, test_sets[task.name], exp.seed,
+                               decoding.max_new_tokens)
+                run_id = sha({
+                    "format": PROMPT_FORMAT_VERSION, "model": spec.label, "fingerprint": backend.info.fingerprint,
+                    "task": task.name, "task_type": task.type, "metrics": task.metrics, "setting": setting.name,
+                    "protocol": protocol, "decoding": decoding.key(), "seed": exp.seed,
+                    "bootstrap": exp.bootstrap_samples,
+                    "items": sha([(it.example.id, it.prompt, it.continuations, it.example.target) for it in items]),
+                })[:16]
+                plans.append(RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed))
+    return plans

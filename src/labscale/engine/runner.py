@@ -1,0 +1,193 @@
+"""Execute planned runs through the generation cache, score them, and store everything.
+
+Resume: finished runs are skipped; inside a run, every batch of generations is committed to the cache as soon as
+it is produced, so a killed process loses at most the batch in flight and a re-run regenerates nothing stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from labscale.answers import parse_answer
+from labscale.engine.plan import RunPlan, sha
+from labscale.engine.store import Store
+from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.models.base import GenerationRequest, LoglikelihoodRequest
+
+
+@dataclass
+class Counts:
+    new: int = 0
+    cached: int = 0
+
+
+def generation_key(fingerprint: str, prompt: str, params: dict) -> str:
+    return sha(["generate", fingerprint, prompt, params])
+
+
+def loglikelihood_key(fingerprint: str, context: str, continuation: str) -> str:
+    return sha(["loglikelihood", fingerprint, context, continuation])
+
+
+def _chunks(seq: list, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+class Runner:
+    def __init__(self, store: Store, console: Console | None = None, bootstrap_samples: int = 1000):
+        self.store = store
+        self.console = console or Console(stderr=True)
+        self.bootstrap_samples = bootstrap_samples
+        self.generations = Counts()
+        self.loglikelihoods = Counts()
+
+    def run_all(self, plans: list[RunPlan]) -> None:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=False,
+        ) as progress:
+            for i, plan in enumerate(plans):
+                if self.store.run_status(plan.id) == "complete":
+                    counts = self.loglikelihoods if plan.protocol == "loglikelihood" else self.generations
+                    counts.cached += sum(max(1, len(it.continuations)) for it in plan.items)
+                    progress.add_task(f"{plan.label} (stored)", total=len(plan.items), completed=len(plan.items))
+                else:
+                    bar = progress.add_task(plan.label, total=len(plan.items))
+                    self._run(plan, lambda n, bar=bar: progress.advance(bar, n))
+                # Free a model's weights once its last run is done.
+                if i + 1 == len(plans) or plans[i + 1].backend is not plan.backend:
+                    plan.backend.close()
+
+    def _run(self, plan: RunPlan, advance) -> None:
+        from labscale.efficiency.meter import PeakRSS
+
+        started = time.time()
+        with PeakRSS() as mem:
+            if plan.protocol == "loglikelihood":
+                outcomes, keys, records = self._loglikelihood(plan, advance)
+            else:
+                outcomes, keys, records = self._generate(plan, advance)
+            predictions, scores = self._score(plan, outcomes, keys)
+        efficiency = self._efficiency(plan, records, time.time() - started, mem.peak_bytes)
+        self.store.complete_run(plan.id, predictions, scores, efficiency, started)
+
+    # -- model calls through the cache ---------------------------------------------------------------------
+
+    def _generate(self, plan: RunPlan, advance):
+        fp = plan.backend.info.fingerprint
+        params = plan.decoding.key()
+        keys = [generation_key(fp, it.prompt, params) for it in plan.items]
+        have = self.store.cached_generations(keys)
+        todo: dict[str, object] = {}
+        for key, it in zip(keys, plan.items):
+            if key not in have and key not in todo:
+                todo[key] = it
+        hits = sum(k in have for k in keys)
+        self.generations.cached += hits
+        advance(hits)
+        # Longest prompts first, one backend batch per chunk: each chunk is committed before the next starts.
+        pending = sorted(todo.items(), key=lambda kv: -kv[1].tokens)
+        for chunk in _chunks(pending, plan.model.batch_size):
+            results = plan.backend.generate([GenerationRequest(it.prompt, plan.decoding) for _, it in chunk])
+            self.store.put_generations([
+                {"key": key, "model_fingerprint": fp, "prompt": it.prompt, "params": params, "text": r.text,
+                 "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens, "latency_s": r.latency_s,
+                 "compute_s": r.compute_s, "finish_reason": r.finish_reason}
+                for (key, it), r in zip(chunk, results)
+            ])
+            self.generations.new += len(chunk)
+            done = {key for key, _ in chunk}
+            advance(sum(k in done for k in keys))
+        rows = self.store.cached_generations(keys)
+        outcomes = []
+        for key, it in zip(keys, plan.items):
+            text = rows[key]["text"]
+            prediction = parse_answer(plan.task, it.example, text, cot=plan.setting.kind == "cot")
+            outcomes.append(Outcome(it.example, text, prediction))
+        return outcomes, [[k] for k in keys], [rows[k] for k in dict.fromkeys(keys)]
+
+    def _loglikelihood(self, plan: RunPlan, advance):
+        fp = plan.backend.info.fingerprint
+        keys = [[loglikelihood_key(fp, it.prompt, c) for c in it.continuations] for it in plan.items]
+        flat = [k for ks in keys for k in ks]
+        have = self.store.cached_loglikelihoods(flat)
+        todo: dict[str, tuple[str, str, int]] = {}
+        for ks, it in zip(keys, plan.items):
+            for k, c in zip(ks, it.continuations):
+                if k not in have and k not in todo:
+                    todo[k] = (it.prompt, c, it.tokens)
+        self.loglikelihoods.cached += sum(k in have for k in flat)
+        done_examples = sum(1 for ks in keys if all(k in have for k in ks))
+        advance(done_examples)
+        pending = sorted(todo.items(), key=lambda kv: -kv[1][2])
+        size = plan.model.batch_size * 4  # cheap forward passes: larger commits
+        for chunk in _chunks(pending, size):
+            results = plan.backend.loglikelihood([LoglikelihoodRequest(ctx, c) for _, (ctx, c, _) in chunk])
+            self.store.put_loglikelihoods([
+                {"key": key, "model_fingerprint": fp, "context": ctx, "continuation": c, "logprob": r.logprob,
+                 "is_greedy": r.is_greedy, "n_tokens": r.n_tokens, "compute_s": r.compute_s}
+                for (key, (ctx, c, _)), r in zip(chunk, results)
+            ])
+            self.loglikelihoods.new += len(chunk)
+            have.update({key: True for key, _ in chunk})
+            now_done = sum(1 for ks in keys if all(k in have for k in ks))
+            advance(now_done - done_examples)
+            done_examples = now_done
+        rows = self.store.cached_loglikelihoods(flat)
+        outcomes = []
+        for ks, it in zip(keys, plan.items):
+            logprobs = [rows[k]["logprob"] for k in ks]
+            best = max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))  # first max, as np.argmax
+            outcomes.append(Outcome(it.example, json.dumps({"logprobs": logprobs}), it.example.choices[best], logprobs))
+        return outcomes, keys, [rows[k] for k in dict.fromkeys(flat)]
+
+    # -- scoring and bookkeeping ---------------------------------------------------------------------------
+
+    def _score(self, plan: RunPlan, outcomes: list[Outcome], keys: list[list[str]]):
+        from labscale.metrics.registry import get_metric
+        from labscale.metrics.stats import bootstrap_ci
+
+        per_example: list[dict] = [{} for _ in outcomes]
+        scores = []
+        for name in plan.task.metrics:
+            metric = get_metric(name)
+            stats = metric.stats(outcomes)
+            value = metric.aggregate(stats)
+            low, high = bootstrap_ci(stats, metric.aggregate, n_boot=self.bootstrap_samples, seed=plan.seed)
+            scores.append({"metric": name, "value": _finite(value), "ci_low": _finite(low), "ci_high": _finite(high),
+                           "n": len(outcomes), "higher_is_better": metric.higher_is_better})
+            for row, s in zip(per_example, stats.tolist()):
+                row[name] = s
+        predictions = [
+            {"example_id": o.example.id, "prompt": it.prompt, "output": o.output, "prediction": o.prediction,
+             "target": o.example.target, "cache_keys": ks, "stats": stats}
+            for o, it, ks, stats in zip(outcomes, plan.items, keys, per_example)
+        ]
+        return predictions, scores
+
+    def _efficiency(self, plan: RunPlan, records, wall_s: float, peak_rss: int) -> dict:
+        compute_s = sum(r["compute_s"] for r in records)
+        n = len(plan.items)
+        eff = {"examples": n, "compute_s": compute_s, "wall_s": wall_s, "peak_rss_bytes": peak_rss,
+               "peak_accelerator_bytes": plan.backend.peak_memory_bytes(),
+               "examples_per_s": n / compute_s if compute_s > 0 else None}
+        if plan.protocol == "generate":
+            new_tokens = sum(r["new_tokens"] for r in records)
+            eff.update(
+                new_tokens=new_tokens, prompt_tokens=sum(r["prompt_tokens"] for r in records),
+                new_tokens_per_s=new_tokens / compute_s if compute_s > 0 else None,
+                mean_latency_s=sum(r["latency_s"] for r in records) / len(records) if records else None,
+                truncated=sum(1 for r in records if r["finish_reason"] == "length"),
+            )
+        return eff
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

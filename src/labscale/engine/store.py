@@ -1,0 +1,262 @@
+"""The SQLite store: experiments, runs, the generation cache, predictions and scores, with provenance.
+
+Durability: WAL journal and one transaction per unit of work (a batch of generations, a finished run), so a
+process killed at any point leaves either the whole unit or none of it. Runs are keyed by a hash of everything
+that determines their result, so a re-run finds finished runs and cached generations and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    environment_json TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    n_examples INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    decoding_json TEXT NOT NULL,
+    task_json TEXT NOT NULL,
+    model_json TEXT NOT NULL,
+    environment_json TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'complete')),
+    started_at REAL,
+    finished_at REAL,
+    efficiency_json TEXT
+);
+CREATE TABLE IF NOT EXISTS experiment_runs (
+    experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    position INTEGER NOT NULL,
+    PRIMARY KEY (experiment_id, run_id)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    key TEXT PRIMARY KEY,
+    model_fingerprint TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    new_tokens INTEGER NOT NULL,
+    latency_s REAL NOT NULL,
+    compute_s REAL NOT NULL,
+    finish_reason TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loglikelihoods (
+    key TEXT PRIMARY KEY,
+    model_fingerprint TEXT NOT NULL,
+    context TEXT NOT NULL,
+    continuation TEXT NOT NULL,
+    logprob REAL NOT NULL,
+    is_greedy INTEGER NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    compute_s REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    position INTEGER NOT NULL,
+    example_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    output TEXT NOT NULL,
+    prediction TEXT NOT NULL,
+    target TEXT NOT NULL,
+    cache_keys_json TEXT NOT NULL,
+    stats_json TEXT NOT NULL,
+    PRIMARY KEY (run_id, example_id)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    metric TEXT NOT NULL,
+    value REAL,
+    ci_low REAL,
+    ci_high REAL,
+    n INTEGER NOT NULL,
+    higher_is_better INTEGER NOT NULL,
+    PRIMARY KEY (run_id, metric)
+);
+"""
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+class Store:
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            with self.transaction():
+                self.conn.executescript(SCHEMA)
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                )
+        self.conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- experiments and runs -------------------------------------------------------------------------------
+
+    def begin_experiment(self, name: str, config_hash: str, config: dict, environment: dict, runs: list[dict]) -> int:
+        """Record an experiment invocation and register its runs (pending unless already stored)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO experiments(name, config_hash, config_json, environment_json, started_at) VALUES (?,?,?,?,?)",
+                (name, config_hash, _dumps(config), _dumps(environment), time.time()),
+            )
+            exp_id = cur.lastrowid
+            for position, run in enumerate(runs):
+                c.execute(
+                    """INSERT OR IGNORE INTO runs(id, task, model, model_fingerprint, setting, protocol, n_examples,
+                       seed, decoding_json, task_json, model_json, environment_json, config_hash, status)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')""",
+                    (
+                        run["id"], run["task"], run["model"], run["model_fingerprint"], run["setting"],
+                        run["protocol"], run["n_examples"], run["seed"], _dumps(run["decoding"]),
+                        _dumps(run["task_info"]), _dumps(run["model_info"]), _dumps(environment), config_hash,
+                    ),
+                )
+                c.execute(
+                    "INSERT INTO experiment_runs(experiment_id, run_id, position) VALUES (?,?,?)",
+                    (exp_id, run["id"], position),
+                )
+        return exp_id
+
+    def finish_experiment(self, exp_id: int) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE experiments SET finished_at=? WHERE id=?", (time.time(), exp_id))
+
+    def run_status(self, run_id: str) -> str | None:
+        row = self.conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+        return row["status"] if row else None
+
+    def complete_run(self, run_id: str, predictions: list[dict], scores: list[dict], efficiency: dict,
+                     started_at: float) -> None:
+        """Write a run's predictions and scores and mark it complete, all in one transaction."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM predictions WHERE run_id=?", (run_id,))
+            c.execute("DELETE FROM scores WHERE run_id=?", (run_id,))
+            c.executemany(
+                """INSERT INTO predictions(run_id, position, example_id, prompt, output, prediction, target,
+                   cache_keys_json, stats_json) VALUES (?,?,?,?,?,?,?,?,?)""",
+                [
+                    (run_id, i, p["example_id"], p["prompt"], p["output"], p["prediction"], p["target"],
+                     _dumps(p["cache_keys"]), _dumps(p["stats"]))
+                    for i, p in enumerate(predictions)
+                ],
+            )
+            c.executemany(
+                "INSERT INTO scores(run_id, metric, value, ci_low, ci_high, n, higher_is_better) VALUES (?,?,?,?,?,?,?)",
+                [(run_id, s["metric"], s["value"], s["ci_low"], s["ci_high"], s["n"], int(s["higher_is_better"]))
+                 for s in scores],
+            )
+            c.execute(
+                "UPDATE runs SET status='complete', started_at=?, finished_at=?, efficiency_json=? WHERE id=?",
+                (started_at, time.time(), _dumps(efficiency), run_id),
+            )
+
+    # -- the generation cache ---------------------------------------------------------------------------------
+
+    def cached_generations(self, keys: list[str]) -> dict[str, sqlite3.Row]:
+        return self._fetch("generations", keys)
+
+    def cached_loglikelihoods(self, keys: list[str]) -> dict[str, sqlite3.Row]:
+        return self._fetch("loglikelihoods", keys)
+
+    def _fetch(self, table: str, keys: list[str]) -> dict[str, sqlite3.Row]:
+        out: dict[str, sqlite3.Row] = {}
+        unique = list(dict.fromkeys(keys))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            q = f"SELECT * FROM {table} WHERE key IN ({','.join('?' * len(chunk))})"
+            out.update({row["key"]: row for row in self.conn.execute(q, chunk)})
+        return out
+
+    def put_generations(self, rows: list[dict]) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                """INSERT OR IGNORE INTO generations(key, model_fingerprint, prompt, params_json, text, prompt_tokens,
+                   new_tokens, latency_s, compute_s, finish_reason, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+                [
+                    (r["key"], r["model_fingerprint"], r["prompt"], _dumps(r["params"]), r["text"], r["prompt_tokens"],
+                     r["new_tokens"], r["latency_s"], r["compute_s"], r["finish_reason"], now)
+                    for r in rows
+                ],
+            )
+
+    def put_loglikelihoods(self, rows: list[dict]) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                """INSERT OR IGNORE INTO loglikelihoods(key, model_fingerprint, context, continuation, logprob,
+                   is_greedy, n_tokens, compute_s, created_at) VALUES (?,?,?,?,?,?,?,?,?)""",
+                [
+                    (r["key"], r["model_fingerprint"], r["context"], r["continuation"], r["logprob"],
+                     int(r["is_greedy"]), r["n_tokens"], r["compute_s"], now)
+                    for r in rows
+                ],
+            )
+
+    # -- queries for the report -----------------------------------------------------------------------------
+
+    def latest_experiment(self, name: str | None = None) -> sqlite3.Row | None:
+        q = "SELECT * FROM experiments" + (" WHERE name=?" if name else "") + " ORDER BY id DESC LIMIT 1"
+        return self.conn.execute(q, (name,) if name else ()).fetchone()
+
+    def experiment_runs(self, exp_id: int) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            """SELECT r.* FROM runs r JOIN experiment_runs er ON er.run_id = r.id
+               WHERE er.experiment_id=? ORDER BY er.position""",
+            (exp_id,),
+        ).fetchall()
+
+    def scores(self, run_id: str) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM scores WHERE run_id=? ORDER BY rowid", (run_id,)).fetchall()
+
+    def predictions(self, run_id: str) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM predictions WHERE run_id=? ORDER BY position", (run_id,)).fetchall()
+
+    def counts(self) -> dict[str, int]:
+        tables = ("experiments", "runs", "generations", "loglikelihoods", "predictions", "scores")
+        return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}

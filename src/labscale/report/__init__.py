@@ -1,0 +1,1 @@
+"""Reports generated from the database alone."""

@@ -1,0 +1,212 @@
+"""The markdown report: results tables by setting (tasks × models, `score [low, high]`), full metric tables per
+task, paired differences between models, efficiency per run, and provenance. Built from the database alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from labscale.engine.store import Store
+from labscale.errors import LabscaleError
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
+
+
+def fmt_ci(value, low, high) -> str:
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]" if value is not None else "n/a"
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "n/a" if not n else f"{n / 2**20:,.0f} MiB"
+
+
+def fmt_rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    out = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+class _Run:
+    """A stored run with its scores, parsed once."""
+
+    def __init__(self, store: Store, row):
+        self.row = row
+        self.id, self.task, self.model, self.setting = row["id"], row["task"], row["model"], row["setting"]
+        self.protocol = row["protocol"]
+        self.complete = row["status"] == "complete"
+        self.task_info = json.loads(row["task_json"])
+        self.model_info = json.loads(row["model_json"])
+        self.efficiency = json.loads(row["efficiency_json"]) if row["efficiency_json"] else {}
+        self.scores = {s["metric"]: s for s in store.scores(self.id)}
+        self._store = store
+
+    def stats(self, metric: str) -> tuple[list[str], np.ndarray]:
+        preds = self._store.predictions(self.id)
+        ids = [p["example_id"] for p in preds]
+        return ids, np.array([json.loads(p["stats_json"])[metric] for p in preds], dtype=float).reshape(len(ids), -1)
+
+
+def build_report(store: Store, experiment: str | None = None, bootstrap_samples: int | None = None) -> str:
+    exp = store.latest_experiment(experiment)
+    if exp is None:
+        what = f"experiment '{experiment}'" if experiment else "any experiment"
+        raise LabscaleError(f"database '{store.path}' holds no results for {what}", "run `labscale run FILE` first")
+    config = json.loads(exp["config_json"])
+    env = json.loads(exp["environment_json"])
+    runs = [_Run(store, r) for r in store.experiment_runs(exp["id"])]
+    seed = config.get("seed", 0)
+    n_boot = bootstrap_samples or config.get("bootstrap_samples", 1000)
+    tasks = list(dict.fromkeys(r.task for r in runs))
+    models = list(dict.fromkeys(r.model for r in runs))
+    settings = list(dict.fromkeys(r.setting for r in runs))
+    by_key = {(r.task, r.model, r.setting): r for r in runs}
+    main_metric = {r.task: r.task_info["main_metric"] for r in runs}
+
+    when = dt.datetime.fromtimestamp(exp["finished_at"] or exp["started_at"], dt.timezone.utc)
+    pkgs = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    pending = [r for r in runs if not r.complete]
+    lines = [
+        f"# labscale report — {exp['name']}",
+        "",
+        f"Config `{exp['config_hash']}` · seed {seed} · {when:%Y-%m-%d %H:%M} UTC · {len(runs)} runs "
+        f"({len(tasks)} tasks × {len(models)} models × {len(settings)} settings)",
+        "",
+        "Scores are on each task's seeded test split; brackets give 95% percentile-bootstrap confidence intervals "
+        f"({n_boot} resamples, seed {seed}).",
+        "",
+    ]
+    if pending:
+        lines += [f"**{len(pending)} run(s) did not finish** (shown as `pending`); re-run the experiment to complete "
+                  "them without repeating finished work.", ""]
+
+    lines += ["## Models", ""]
+    model_rows = []
+    for m in models:
+        info = next(r.model_info for r in runs if r.model == m)
+        params = f"{info['parameters'] / 1e6:,.1f}M" if info.get("parameters") else "n/a"
+        model_rows.append([m, info["backend"], f"`{info['fingerprint']}`", params, info.get("dtype") or "n/a",
+                           info.get("device") or "n/a", info.get("quantization") or "none",
+                           str(info["context_length"])])
+    lines += table(["model", "backend", "fingerprint", "parameters", "dtype", "device", "quantization", "context"],
+                   model_rows)
+
+    for setting in settings:
+        lines += [f"## Results by task — {setting}", ""]
+        rows = []
+        for task in tasks:
+            metric = main_metric[task]
+            cells = []
+            for m in models:
+                r = by_key.get((task, m, setting))
+                s = r.scores.get(metric) if r and r.complete else None
+                cells.append(fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else ("pending" if r else "—"))
+            protocols = {by_key[(task, m, setting)].protocol for m in models if (task, m, setting) in by_key}
+            note = "" if protocols <= {"generate"} else f" ({'/'.join(sorted(protocols))})"
+            n = next((by_key[(task, m, setting)].row["n_examples"] for m in models if (task, m, setting) in by_key), 0)
+            rows.append([f"{task} ({metric}{note}, n={n})", *cells])
+        lines += table(["task (main metric)", *models], rows)
+
+    lines += ["## Full metrics by task", ""]
+    for task in tasks:
+        metrics = next(r.task_info["metrics"] for r in runs if r.task == task)
+        lines += [f"### {task}", ""]
+        rows = []
+        for m in models:
+            for setting in settings:
+                r = by_key.get((task, m, setting))
+                if r is None:
+                    continue
+                cells = [fmt_ci(r.scores[k]["value"], r.scores[k]["ci_low"], r.scores[k]["ci_high"])
+                         if r.complete and k in r.scores else "pending" for k in metrics]
+                rows.append([m, setting, r.protocol, str(r.row["n_examples"]), *cells])
+        lines += table(["model", "setting", "protocol", "n", *metrics], rows)
+
+    if len(models) > 1:
+        from labscale.metrics.registry import get_metric
+        from labscale.metrics.stats import paired_bootstrap
+
+        lines += ["## Paired differences between models", "",
+                  "Main metric, A − B on the same test examples; paired bootstrap 95% CI. "
+                  "A difference whose CI excludes 0 is marked *.", ""]
+        rows = []
+        for task in tasks:
+            metric = main_metric[task]
+            aggregate = get_metric(metric).aggregate
+            for setting in settings:
+                for a, b in combinations(models, 2):
+                    ra, rb = by_key.get((task, a, setting)), by_key.get((task, b, setting))
+                    if not (ra and rb and ra.complete and rb.complete):
+                        continue
+                    ids_a, sa = ra.stats(metric)
+                    ids_b, sb = rb.stats(metric)
+                    if ids_a != ids_b:
+                        continue
+                    d = paired_bootstrap(sa, sb, aggregate, n_boot=n_boot, seed=seed)
+                    if d["diff"] is None or np.isnan(d["diff"]):
+                        continue
+                    sig = " *" if d["low"] > 0 or d["high"] < 0 else ""
+                    rows.append([task, setting, metric, f"{a} − {b}", f"{fmt(d['diff'])}{sig}",
+                                 f"[{fmt(d['low'])}, {fmt(d['high'])}]", f"{d['p_value']:.3f}"])
+        lines += table(["task", "setting", "metric", "A − B", "difference", "95% CI", "p"], rows) if rows else [
+            "No complete pairs.", ""]
+
+    lines += ["## Efficiency", "",
+              "Per run, from the stored per-request timings (cached requests keep the timings of the run that "
+              "computed them). examples/s and new tokens/s divide by compute time, the sum of each request's share "
+              "of its batch; latency is what one request waited for its batch; peak memory is the process's "
+              "resident set (and accelerator memory when present) during the run's last execution.", ""]
+    rows = []
+    for r in runs:
+        e = r.efficiency
+        if not r.complete:
+            rows.append([r.model, r.task, r.setting, str(r.row["n_examples"]), *["pending"] * 6])
+            continue
+        mem = fmt_bytes(e.get("peak_rss_bytes"))
+        if e.get("peak_accelerator_bytes"):
+            mem += f" (GPU {fmt_bytes(e['peak_accelerator_bytes'])})"
+        rows.append([r.model, r.task, r.setting, str(e["examples"]), fmt_rate(e.get("examples_per_s")),
+                     fmt_rate(e.get("new_tokens_per_s")),
+                     fmt_rate(e.get("mean_latency_s")), mem, f"{e['compute_s']:.1f}", f"{e['wall_s']:.1f}"])
+    lines += table(["model", "task", "setting", "n", "examples/s", "new tokens/s", "mean latency (s)", "peak memory",
+                    "compute (s)", "wall (s)"], rows)
+    truncated = [r for r in runs if r.efficiency.get("truncated")]
+    if truncated:
+        lines += ["Generations that hit max_new_tokens: " + ", ".join(
+            f"{r.model} · {r.task} · {r.setting}: {r.efficiency['truncated']}/{r.efficiency['examples']}"
+            for r in truncated) + ".", ""]
+
+    lines += ["## Provenance", "",
+              f"- Config hash `{exp['config_hash']}`; Python {env['python']} on {env['platform']} ({env['cpus']} CPUs).",
+              f"- Packages: {pkgs}.",
+              f"- Decoding: {json.dumps(config.get('generation', {}), sort_keys=True)}.",
+              "- Every prediction, exact prompt and generation is in the database (tables `predictions`, "
+              "`generations`, `loglikelihoods`); run ids: " + ", ".join(f"`{r.id}`" for r in runs) + ".", ""]
+    return "\n".join(lines)
+
+
+def write_report(db: Path, out: Path | None = None, experiment: str | None = None) -> Path:
+    if not db.is_file():
+        raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
+    store = Store(db, readonly=True)
+    try:
+        text = build_report(store, experiment)
+    finally:
+        store.close()
+    out = out or db.with_suffix(".md")
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,112 @@
+"""Parse setting names and build prompts for one example.
+
+Formats (the same for every model; chat models see them through their own chat template):
+
+* generate / classify tasks — one user turn: ``{instruction}\n\n{input}``. few-shot:K adds K earlier
+  user/assistant turns with train examples and their targets. cot appends the reasoning request and the
+  answer-line rule; the final answer is read from the last line starting with ``Answer:``.
+* multiple-choice, log-likelihood protocol — lm-evaluation-harness's plain format, so acc/acc_norm compare with
+  published numbers: context = ``{input}`` (few-shot: K solved ``{input}{delimiter}{choice}`` blocks joined
+  by a blank line first), continuation = ``{delimiter}{choice}``. No chat template, as in lm-eval's default.
+* multiple-choice, generative protocol (cot, or backends without log-likelihoods) — the question with lettered
+  options, answered with a letter.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from labscale.errors import ConfigError, DataError
+from labscale.models.base import Message
+from labscale.tasks.base import Example, Task
+
+COT_SUFFIX = (
+    "Think step by step and explain your reasoning briefly. "
+    'Then give your final answer on a last line that starts with "Answer:".'
+)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # as written: "zero-shot", "few-shot:3", "cot"
+    kind: str  # "zero-shot" | "few-shot" | "cot"
+    shots: int = 0
+
+
+def parse_setting(name: str) -> Setting:
+    if name in ("zero-shot", "cot"):
+        return Setting(name, name)
+    m = re.fullmatch(r"few-shot:(\d+)", name)
+    if m and int(m.group(1)) >= 1:
+        return Setting(name, "few-shot", int(m.group(1)))
+    raise ConfigError(f"unknown setting '{name}'", "use zero-shot, few-shot:K (K >= 1) or cot")
+
+
+def protocol_for(task: Task, setting: Setting, supports_loglikelihood: bool) -> str:
+    """'loglikelihood' for multiple choice where the backend can score it (not cot), else 'generate'."""
+    if task.type == "multiple_choice" and setting.kind != "cot" and supports_loglikelihood:
+        return "loglikelihood"
+    return "generate"
+
+
+def check_shots(task: Task, setting: Setting) -> None:
+    if setting.shots:
+        n_train = len(task.splits["train"])
+        if setting.shots > n_train:
+            raise DataError(
+                f"{setting.name} needs {setting.shots} examples but task '{task.name}' has only {n_train} in its train split",
+                f"use few-shot:{n_train} or fewer",
+            )
+
+
+def select_shots(task: Task, setting: Setting, example: Example, seed: int) -> list[Example]:
+    """K train examples, drawn per test example from (seed, example id): deterministic and independent of order."""
+    if not setting.shots:
+        return []
+    check_shots(task, setting)
+    rng = random.Random(f"{seed}:{task.name}:{example.id}")
+    return rng.sample(task.splits["train"], setting.shots)
+
+
+def lettered(example: Example) -> str:
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(example.choices))
+    return f"{example.input}\n{options}"
+
+
+def _user_text(task: Task, example: Example, mc_letters: bool) -> str:
+    body = lettered(example) if mc_letters else example.input
+    parts = [task.instruction, body] if task.instruction else [body]
+    if mc_letters:
+        letters = ", ".join(LETTERS[: len(example.choices)])
+        parts.append(f"Answer with the letter of the correct option ({letters}).")
+    return "\n\n".join(parts)
+
+
+def _answer_text(task: Task, example: Example, mc_letters: bool) -> str:
+    return LETTERS[example.gold] if mc_letters else example.target
+
+
+def chat_prompt(task: Task, setting: Setting, example: Example, seed: int) -> list[Message]:
+    """Messages for the generative protocol (generate, classify, and lettered multiple choice)."""
+    mc = task.type == "multiple_choice"
+    messages: list[Message] = []
+    for shot in select_shots(task, setting, example, seed):
+        messages.append({"role": "user", "content": _user_text(task, shot, mc)})
+        messages.append({"role": "assistant", "content": _answer_text(task, shot, mc)})
+    text = _user_text(task, example, mc)
+    if setting.kind == "cot":
+        text = f"{text}\n\n{COT_SUFFIX}"
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+def loglikelihood_prompt(task: Task, setting: Setting, example: Example, seed: int) -> tuple[str, list[str]]:
+    """(context, continuations) in lm-evaluation-harness's format."""
+    blocks = [
+        f"{s.input}{task.target_delimiter}{s.choices[s.gold]}" for s in select_shots(task, setting, example, seed)
+    ]
+    context = task.fewshot_delimiter.join([*blocks, example.input])
+    return context, [f"{task.target_delimiter}{c}" for c in example.choices]
