@@ -33,15 +33,27 @@ class Outcome:
     failed: str | None = None  # reason, when the model call failed (scored as wrong)
 
 
+def mean_of_first_column(stats: np.ndarray) -> float:
+    return float(np.mean(stats[:, 0]))
+
+
+def nanmean_of_first_column(stats: np.ndarray) -> float:
+    """Mean ignoring NaN rows; NaN when every row is NaN (a metric not defined for this run)."""
+    col = stats[:, 0]
+    return float("nan") if np.isnan(col).all() else float(np.nanmean(col))
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
     description: str
     per_example: Callable[[list[Outcome]], np.ndarray]  # -> (n, k) float array
-    aggregate: Callable[[np.ndarray], float] = lambda stats: float(np.mean(stats[:, 0]))
+    aggregate: Callable[[np.ndarray], float] = mean_of_first_column
     higher_is_better: bool = True
 
     def stats(self, outcomes: list[Outcome]) -> np.ndarray:
+        if not outcomes:
+            raise ValueError(f"metric '{self.name}' needs at least one outcome")
         s = np.asarray(self.per_example(outcomes), dtype=float)
         return s.reshape(len(outcomes), -1)
 

@@ -1,0 +1,20 @@
+"""Metric names → Metric objects."""
+
+from __future__ import annotations
+
+from labscale.errors import ConfigError
+from labscale.metrics import classification, multiple_choice, text
+from labscale.metrics.base import Metric
+
+_METRICS: dict[str, Metric] = {m.name: m for m in (*text.METRICS, *classification.METRICS, *multiple_choice.METRICS)}
+
+
+def metric_names() -> list[str]:
+    return list(_METRICS)
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return _METRICS[name]
+    except KeyError:
+        raise ConfigError(f"unknown metric '{name}'", f"use one of: {', '.join(_METRICS)}") from None
