@@ -180,3 +180,16 @@ def test_bertscore_matches_bert_score():
     assert stats[2, 0] == 0.0
     assert m.score(text_outcomes(preds=[""] * len(REFS))) == 0.0
     assert text._bert_scorer() is text._bert_scorer()  # loaded once per process
+
+
+def test_f1_weighted_equals_sklearn_on_random_resamples():
+    rng = np.random.default_rng(0)
+    labels = ["A", "B", "C", UNPARSEABLE]
+    f1 = get_metric("f1_weighted")
+    for trial in range(200):
+        n = int(rng.integers(1, 30))
+        t = [labels[i] for i in rng.integers(0, 3, n)]
+        p = [labels[i] for i in rng.integers(0, 4, n)]
+        outs = [outcome(a, b, i=i) for i, (a, b) in enumerate(zip(t, p))]
+        expected = f1_score(t, p, average="weighted", labels=sorted(set(t)), zero_division=0)
+        assert f1.score(outs) == pytest.approx(expected, abs=1e-12), (t, p)

@@ -20,7 +20,7 @@ DEFAULT_DB_DIR = Path("runs")
 
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    sys.exit(code)
 
 
 def _default_db(name: str) -> Path:

@@ -115,11 +115,8 @@ class Store:
             self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
-            with self.transaction():
-                self.conn.executescript(SCHEMA)
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-                )
+            self.conn.executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript manages its own transaction
+            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         self.conn.row_factory = sqlite3.Row
 
     def close(self) -> None:

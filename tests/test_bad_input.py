@@ -1,0 +1,90 @@
+"""Every bad input gives a one-line error naming cause and fix, exit code 2, no traceback, and leaves an existing
+database unchanged."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import cli, dump, write_experiment
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llm):
+    return {"name": "bad", "models": [f"hf:{tiny_llm}"], "tasks": ["fact-check"], "settings": ["zero-shot"],
+            "limit": 2, "generation": {"max_new_tokens": 4}}
+
+
+@pytest.fixture
+def db(tmp_path, base, capsys, monkeypatch):
+    """A database holding one finished experiment."""
+    path = tmp_path / "existing.db"
+    exp = write_experiment(tmp_path / "good.yaml", **base)
+    code, _, err = cli(capsys, monkeypatch, "run", exp, "--db", path)
+    assert code == 0, err
+    return path
+
+
+def csv(tmp_path, text, name="data.csv"):
+    (tmp_path / name).write_text(text)
+    return name
+
+
+def user_task(**kw):
+    return {"name": "mine", "data": "data.csv", "type": "generate", "input": "{{ text }}", "target": "label", **kw}
+
+
+CASES = {
+    "unknown task": (lambda t, b: {**b, "tasks": ["summarise-everything"]}, "unknown task 'summarise-everything'"),
+    "unknown model": (lambda t, b: {**b, "models": ["gpt5:big"]}, "unknown model 'gpt5:big'"),
+    "missing local model": (lambda t, b: {**b, "models": [f"hf:{t}/no-such-model"]}, "no-such-model"),
+    "unknown embedded model": (lambda t, b: {**b, "models": ["embedded:giant-70b"]}, "giant-70b"),
+    "unknown setting": (lambda t, b: {**b, "settings": ["two-shot"]}, "unknown setting 'two-shot'"),
+    "unknown metric": (
+        lambda t, b: {**b, "tasks": [user_task(metrics=["rouge9"])]} if csv(t, "text,label\na,b\n") else None,
+        "unknown metric 'rouge9'"),
+    "missing user data file": (lambda t, b: {**b, "tasks": [user_task(data="nope.csv")]}, "nope.csv"),
+    "missing template column": (
+        lambda t, b: {**b, "tasks": [user_task(input="{{ body }}")]} if csv(t, "text,label\na,b\n") else None,
+        "body"),
+    "missing target column": (
+        lambda t, b: {**b, "tasks": [user_task(target="gold")]} if csv(t, "text,label\na,b\n") else None, "gold"),
+    "empty dataset": (lambda t, b: {**b, "tasks": [user_task()]} if csv(t, "text,label\n") else None, "no rows"),
+    "too many shots": (lambda t, b: {**b, "settings": ["few-shot:5000"]}, "few-shot:5000 needs 5000 examples"),
+    "prompt longer than context": (
+        lambda t, b: {**b, "tasks": [user_task()]} if csv(t, "text,label\n" + ("word " * 3000 + ",x\n") * 10) else None,
+        "context of 512"),
+    "negative limit": (lambda t, b: {**b, "limit": -1}, "limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_experiment(case, tmp_path, base, db, capsys, monkeypatch):
+    make, expected = CASES[case]
+    before = dump(db)
+    exp = write_experiment(tmp_path / "bad.yaml", **make(tmp_path, base))
+    code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", db)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err and " — " in lines[0]  # cause — fix
+    assert dump(db) == before
+
+
+def test_malformed_yaml_and_missing_file(tmp_path, db, capsys, monkeypatch):
+    before = dump(db)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: [a\n")
+    for path, expected in ((bad, "malformed YAML"), (tmp_path / "absent.yaml", "does not exist")):
+        code, _, err = cli(capsys, monkeypatch, "run", path, "--db", db)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert dump(db) == before
+
+
+def test_not_a_database(tmp_path, base, capsys, monkeypatch):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    exp = write_experiment(tmp_path / "good.yaml", **base)
+    code, _, err = cli(capsys, monkeypatch, "run", exp, "--db", junk)
+    assert code == 2 and "not a usable labscale database" in err
+    assert junk.read_bytes() == b"this is not sqlite" * 100
+    code, _, err = cli(capsys, monkeypatch, "report", "--db", tmp_path / "missing.db")
+    assert code == 2 and "does not exist" in err
