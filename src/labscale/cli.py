@@ -23,6 +23,13 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _table_console():
+    """A console for listings: full width when piped, so rows are not wrapped into unreadable columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _default_db(name: str) -> Path:
     return DEFAULT_DB_DIR / f"{name}.db"
 
@@ -108,7 +115,6 @@ def report(
 @app.command()
 def tasks() -> None:
     """List the builtin tasks: description, split sizes, metrics, data source and licence."""
-    from rich.console import Console
     from rich.table import Table
 
     from labscale.tasks.registry import list_tasks
@@ -120,22 +126,24 @@ def tasks() -> None:
         metrics = [info["main_metric"]] + [m for m in info["metrics"] if m != info["main_metric"]]
         t.add_row(task.name, task.type, task.description, f"{s['train']}/{s['dev']}/{s['test']}",
                   ", ".join(metrics), f"{task.source} · {task.license}")
-    Console().print(t)
+    _table_console().print(t)
 
 
 @app.command()
 def models() -> None:
     """List the embedded models: size, licence, and whether they are installed and converted."""
-    from rich.console import Console
     from rich.table import Table
 
     from labscale.models.embedded import list_embedded
 
-    t = Table("model", "parameters", "licence", "installed", "converted", "description")
+    t = Table("model", "parameters", "licence", "package size", "installed", "converted", "description")
     for m in list_embedded():
-        t.add_row(f"embedded:{m['name']}", str(m["params"]), m["license"], "yes" if m["installed"] else "no",
-                  "yes" if m["converted"] else "no", m["description"])
-    Console().print(t)
+        mib = lambda n: f"{n / 2**20:,.0f} MiB" if n else "—"  # noqa: E731
+        t.add_row(m["id"], f"{m['params'] / 1e6:.1f}M", m["license"], mib(m["size_bytes"]),
+                  "yes" if m["installed"] else f"no — {m['install_hint']}",
+                  f"yes ({mib(m['converted_size_bytes'])})" if m["converted"] else "no (on first use)",
+                  m["description"])
+    _table_console().print(t)
     typer.echo("Any transformers causal LM also works as hf:<hub id or local folder>.")
 
 
