@@ -141,3 +141,14 @@ def test_stored_scores_equal_reference_libraries(tmp_path, experiment, capsys, m
         hits.append(int(np.argmax(lls)) == test[target].gold)
         norm_hits.append(int(np.argmax(lls / np.array([float(len(c)) for c in choices]))) == test[target].gold)
     assert scores["acc"] == pytest.approx(np.mean(hits)) and scores["acc_norm"] == pytest.approx(np.mean(norm_hits))
+
+
+def test_relative_model_path_resolves_against_the_experiment_file(tmp_path, tiny_long, capsys, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "model").symlink_to(tiny_long)
+    exp = write_experiment(tmp_path / "exp" / "rel.yaml", name="rel", models=["hf:./model"], tasks=["openbookqa"],
+                           limit=2)
+    monkeypatch.chdir(tmp_path)  # not the experiment's folder
+    code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "rel.db")
+    assert code == 0, err
+    assert "| hf:./model |" in (tmp_path / "rel.md").read_text()

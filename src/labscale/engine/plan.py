@@ -115,6 +115,18 @@ def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, e
     return items
 
 
+def _resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
+    """`hf:` paths relative to the experiment file, like data paths; the display name stays as written."""
+    from pathlib import Path
+
+    prefix, _, rest = spec.id.partition(":")
+    if prefix == "hf" and rest.startswith("."):
+        candidate = (Path(base_dir) / rest).resolve()
+        if candidate.exists():
+            return spec.model_copy(update={"id": f"hf:{candidate}", "name": spec.label})
+    return spec
+
+
 def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
     from labscale.metrics.registry import get_metric
     from labscale.models.registry import resolve_model
@@ -129,10 +141,11 @@ def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
         for setting in settings:
             check_shots(task, setting)
     test_sets = {task.name: task.split("test", limit) for task in tasks}
-    backends = [resolve_model(spec) for spec in exp.models]
+    models = [_resolve_relative(spec, exp.base_dir) for spec in exp.models]
+    backends = [resolve_model(spec) for spec in models]
 
     plans = []
-    for spec, backend in zip(exp.models, backends):
+    for spec, backend in zip(models, backends):
         for task in tasks:
             for setting in settings:
                 protocol = protocol_for(task, setting, backend.supports_loglikelihood)

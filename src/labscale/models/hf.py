@@ -229,6 +229,9 @@ class HFBackend(ModelBackend):
                 kw["quantization_config"] = qc
             if self.spec.quantization == "8bit":  # bitsandbytes warns on every matmul of a float32 model
                 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # labscale shows its own progress
             model = self._wrap_load(lambda: AutoModelForCausalLM.from_pretrained(self.source, **kw), "weights")
             model.eval()
             if device.startswith("cuda"):

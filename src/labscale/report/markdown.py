@@ -114,7 +114,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
                 s = r.scores.get(metric) if r and r.complete else None
                 cells.append(fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else ("pending" if r else "—"))
             protocols = {by_key[(task, m, setting)].protocol for m in models if (task, m, setting) in by_key}
-            note = "" if protocols <= {"generate"} else f" ({'/'.join(sorted(protocols))})"
+            note = "" if protocols <= {"generate"} else f", {'/'.join(sorted(protocols))}"
             n = next((by_key[(task, m, setting)].row["n_examples"] for m in models if (task, m, setting) in by_key), 0)
             rows.append([f"{task} ({metric}{note}, n={n})", *cells])
         lines += table(["task (main metric)", *models], rows)
