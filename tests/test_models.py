@@ -594,3 +594,19 @@ def test_real_loglikelihood_sanity(smollm):
     for req, res in zip(reqs, r):
         lp, greedy, n = manual_loglikelihood(smollm, req.context, req.continuation)
         assert math.isclose(res.logprob, lp, rel_tol=1e-4, abs_tol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_real_quantized_embedded_model_on_cpu(quantization):
+    """bitsandbytes 4-bit NF4 (double quantization) and 8-bit loading of the real model: it still answers."""
+    pytest.importorskip("bitsandbytes")
+    b = resolve_model(ModelSpec(id="embedded:smollm2-135m-instruct", quantization=quantization))
+    try:
+        (r,) = b.generate([GenerationRequest(chat(b, "What is the capital of France?"), DecodingParams(max_new_tokens=16))])
+        assert b.info.quantization == quantization and r.new_tokens > 0 and r.text.strip()
+        lls = b.loglikelihood([LoglikelihoodRequest("The capital of France is", " Paris"),
+                               LoglikelihoodRequest("The capital of France is", " banana")])
+        assert lls[0].logprob > lls[1].logprob
+    finally:
+        b.close()
