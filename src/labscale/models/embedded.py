@@ -11,7 +11,6 @@ CLI, which labscale does not install).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from labscale.errors import ConfigError, ModelError
 from labscale.home import labscale_home
+from labscale.models.fingerprint import sha256_bytes
 
 SOURCE_FILE = "labscale-source.json"
 
@@ -107,15 +107,7 @@ def _is_current(folder: Path, gguf: Path) -> bool:
         return False
     if src.get("mtime_ns") == st.st_mtime_ns:
         return True
-    return src.get("sha256") == _sha256(gguf)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return src.get("sha256") == sha256_bytes(gguf)
 
 
 def is_converted(name: str) -> bool:
@@ -206,7 +198,7 @@ def ensure_converted(name: str) -> Path:
             "name": name,
             "package": f"{m.package}=={m.version}",
             "file": m.file,
-            "sha256": _sha256(gguf),
+            "sha256": sha256_bytes(gguf),
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
         }

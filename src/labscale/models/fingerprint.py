@@ -63,6 +63,11 @@ def _sha256_file(path: Path) -> str:
         else:
             blob = json.dumps(_canonical_json(data), sort_keys=True, ensure_ascii=False).encode()
             return hashlib.sha256(blob).hexdigest()
+    return sha256_bytes(path)
+
+
+def sha256_bytes(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -388,25 +388,6 @@ class HFBackend(ModelBackend):
                 "lower batch_size for this model in the experiment file, or use quantization: 4bit",
             ) from None
 
-    def _generation_config(self, params):
-        from transformers import GenerationConfig
-
-        sample = params.temperature > 0
-        eos = self._eos_ids()
-        return GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            temperature=float(params.temperature) if sample else 1.0,
-            top_p=float(params.top_p) if sample else 1.0,
-            top_k=0 if sample else None,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            num_beams=1,
-            eos_token_id=eos or None,
-            pad_token_id=self._pad_id(),
-            use_cache=True,
-        )
-
     def _generate_batch(self, batch: list[list[int]], params) -> list[GenerationResult]:
         import torch
 
