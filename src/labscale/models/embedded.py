@@ -153,11 +153,20 @@ def _not_installed(m: EmbeddedModel) -> ModelError:
 
 def _convert_into(gguf: Path, out: Path) -> None:
     """De-quantize the GGUF with transformers and save it as a plain safetensors folder (fp32)."""
+    import contextlib
+    import io
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    print(f"labscale: converting the embedded model {gguf.name} once, into {out.parent} …", file=sys.stderr)
+    hf_logging.disable_progress_bar()
+    # transformers' GGUF reader draws a plain tqdm bar on stderr; failures still raise.
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
