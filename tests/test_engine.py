@@ -152,3 +152,22 @@ def test_relative_model_path_resolves_against_the_experiment_file(tmp_path, tiny
     code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "rel.db")
     assert code == 0, err
     assert "| hf:./model |" in (tmp_path / "rel.md").read_text()
+
+
+def test_report_of_an_interrupted_experiment_marks_pending_runs(tmp_path, experiment, capsys, monkeypatch):
+    db = tmp_path / "i.db"
+    assert cli(capsys, monkeypatch, "run", experiment, "--db", db, "--limit", "2")[0] == 0
+    conn = sqlite3.connect(db)
+    with conn:  # what a killed process leaves: a registered run that never completed
+        rid = conn.execute("SELECT id FROM runs WHERE task='notes' AND model='tiny-b' AND setting='zero-shot'").fetchone()[0]
+        conn.execute("DELETE FROM predictions WHERE run_id=?", (rid,))
+        conn.execute("DELETE FROM scores WHERE run_id=?", (rid,))
+        conn.execute("UPDATE runs SET status='pending', efficiency_json=NULL WHERE id=?", (rid,))
+    conn.close()
+    code, out, _ = cli(capsys, monkeypatch, "report", "--db", db)
+    report = (tmp_path / "i.md").read_text()
+    assert code == 0 and "**1 run(s) did not finish**" in report
+    assert re.search(r"^\| notes \(rouge1, n=2\) \| \d\.\d{3} \[[^|]*\] \| pending \|$", report, re.MULTILINE)
+    # re-running completes it from the cache: 0 new generations
+    code, out, _ = cli(capsys, monkeypatch, "run", experiment, "--db", db, "--limit", "2")
+    assert code == 0 and counts(out)[0] == 0 and "did not finish" not in (tmp_path / "i.md").read_text()
