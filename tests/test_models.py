@@ -610,3 +610,22 @@ def test_real_quantized_embedded_model_on_cpu(quantization):
         assert lls[0].logprob > lls[1].logprob
     finally:
         b.close()
+
+
+def test_hub_reachable_is_false_offline_and_without_dns(monkeypatch):
+    import socket
+
+    from labscale.hub import hub_reachable
+
+    hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+    hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert hub_reachable() is False
+    hub_reachable.cache_clear()

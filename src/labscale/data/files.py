@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,10 @@ def read_hf(dataset_id: str, split: str | None = None) -> list[Row]:
     hint = "check the dataset id and your network connection, or use a local file"
     if not dataset_id:
         raise DataError("empty HF dataset id in 'hf:'", "write hf:<dataset id>[:<split>], e.g. hf:imdb:test")
+    from labscale.hub import hub_reachable
+
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the process is offline: read the local cache or fail at once
     try:
         import datasets
         from datasets.utils.logging import disable_progress_bar

@@ -56,6 +56,7 @@ from typing import Any
 
 from labscale.config import ModelSpec
 from labscale.errors import ModelError
+from labscale.hub import hub_reachable
 from labscale.models.base import (
     GenerationRequest,
     GenerationResult,
@@ -135,6 +136,8 @@ class HFBackend(ModelBackend):
         kw: dict[str, Any] = {}
         if not self.is_local and self.spec.revision:
             kw["revision"] = self.spec.revision
+        if not self.is_local and not hub_reachable():
+            kw["local_files_only"] = True  # use the local HF cache at once instead of ~25 s of retries
         return kw
 
     def _wrap_load(self, fn, what: str):
