@@ -8,7 +8,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from helpers import cli, counts, dump, write_experiment
+from helpers import cli, counts, write_experiment
 
 
 @pytest.fixture(scope="module")

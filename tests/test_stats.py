@@ -1,4 +1,3 @@
-import time
 
 import numpy as np
 import pytest
@@ -86,22 +85,13 @@ def _texts(n, seed):
     return outs
 
 
-def _best_time(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def test_speed():
-    mean_stats = binary(300, 0.5)
-    assert _best_time(lambda: bootstrap_ci(mean_stats, mean_of_first_column)) < 0.05
-    for name, outs in (("f1_weighted", _classify(300, 0)), ("bleu", _texts(300, 0))):
-        m = get_metric(name)
-        stats = m.stats(outs)
-        assert _best_time(lambda: bootstrap_ci(stats, m.aggregate), repeat=1) < 3.0, name
+def test_vectorised_mean_path_equals_the_generic_loop():
+    """Mean aggregates take a vectorised resampling path (speed lives in benchmarks, not here); it must give the
+    same interval as the generic per-resample loop with the same seed."""
+    stats = binary(300, 0.5)
+    fast = bootstrap_ci(stats, mean_of_first_column, n_boot=500, seed=3)
+    slow = bootstrap_ci(stats, lambda s: mean_of_first_column(s), n_boot=500, seed=3)
+    assert fast == pytest.approx(slow, abs=1e-12)
 
 
 @pytest.mark.parametrize("name,make", [("f1_weighted", _classify), ("bleu", _texts)])

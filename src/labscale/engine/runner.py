@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from labscale.answers import parse_answer
 from labscale.engine.plan import RunPlan, sha
 from labscale.engine.store import Store
-from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.metrics.base import Outcome
 from labscale.models.base import GenerationRequest, LoglikelihoodRequest
 
 
