@@ -14,8 +14,7 @@ from __future__ import annotations
 import re
 
 from labscale.metrics.base import UNPARSEABLE
-from labscale.settings.setting import LETTERS
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import LETTERS, Example, Task
 
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 

@@ -128,7 +128,6 @@ def _resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
 
 
 def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
-    from labscale.metrics.registry import get_metric
     from labscale.models.registry import resolve_model
     from labscale.tasks.registry import get_task
 
@@ -136,8 +135,6 @@ def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
     settings = [parse_setting(s) for s in exp.settings]
     tasks = [get_task(t, exp.base_dir) for t in exp.tasks]
     for task in tasks:
-        for name in task.metrics:
-            get_metric(name)
         for setting in settings:
             check_shots(task, setting)
     test_sets = {task.name: task.split("test", limit) for task in tasks}

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 
 from labscale.errors import ConfigError, DataError
 from labscale.models.base import Message
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import LETTERS, Example, Task
 
 COT_SUFFIX = (
     "Think step by step and explain your reasoning briefly. "
     'Then give your final answer on a last line that starts with "Answer:".'
 )
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from labscale.errors import ConfigError, DataError
 
 TaskType = Literal["generate", "classify", "multiple_choice"]
 SPLITS = ("train", "dev", "test")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # multiple-choice option letters
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,13 @@ class Task:
     fewshot_delimiter: str = "\n\n"
 
     def __post_init__(self) -> None:
+        from labscale.metrics.registry import get_metric  # lazy: metrics import this module
+
+        for metric in self.metrics:
+            get_metric(metric)
         if self.main_metric not in self.metrics:
-            raise ConfigError(f"task '{self.name}': main metric '{self.main_metric}' is not among its metrics {self.metrics}")
+            raise ConfigError(f"task '{self.name}': main_metric '{self.main_metric}' is not among its metrics",
+                              f"use one of: {', '.join(self.metrics)}")
         if self.type == "classify" and not self.labels:
             raise ConfigError(f"task '{self.name}' is a classify task without labels", "list them under `labels:`")
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:

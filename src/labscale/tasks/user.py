@@ -25,7 +25,7 @@ import jinja2.meta
 from labscale.config import TaskSpec
 from labscale.data.files import is_missing, read_source
 from labscale.errors import ConfigError, DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import LETTERS, Example, Task
 
 DEFAULT_METRICS: dict[str, list[str]] = {
     "generate": ["rouge1", "rouge2", "rougeL", "bleu"],
@@ -33,7 +33,6 @@ DEFAULT_METRICS: dict[str, list[str]] = {
     "multiple_choice": ["acc", "acc_norm"],
 }
 ROW_VARIABLE = "row"  # {{ row["column with spaces"] }}
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
@@ -60,18 +59,7 @@ def _check_metrics(spec: TaskSpec) -> tuple[list[str], str]:
     metrics = list(spec.metrics) if spec.metrics is not None else list(DEFAULT_METRICS[spec.type])
     if not metrics:
         raise ConfigError(f"task '{spec.name}' lists no metrics", f"remove `metrics:` to use the defaults ({', '.join(DEFAULT_METRICS[spec.type])})")
-    main = spec.main_metric or metrics[0]
-    if main not in metrics:
-        raise ConfigError(f"task '{spec.name}': main_metric '{main}' is not among its metrics", f"use one of: {', '.join(metrics)}")
-    try:
-        from labscale.metrics.registry import get_metric
-    except ModuleNotFoundError as e:
-        if e.name != "labscale.metrics.registry":
-            raise
-        return metrics, main  # metric registry not available: names are checked when the run starts
-    for name in metrics:
-        get_metric(name)
-    return metrics, main
+    return metrics, spec.main_metric or metrics[0]  # names and main metric are checked by Task
 
 
 def _text(value: Any) -> str:
@@ -115,8 +103,8 @@ def _gold_index(value: Any, choices: list[str], column: str, where: str) -> int:
         if re.fullmatch(r"\d+", text) and int(text) < len(choices):
             return int(text)
         letter = text.rstrip(".)").lstrip("(")
-        if len(letter) == 1 and letter.upper() in _LETTERS[: len(choices)]:
-            return _LETTERS.index(letter.upper())
+        if len(letter) == 1 and letter.upper() in LETTERS[: len(choices)]:
+            return LETTERS.index(letter.upper())
     raise DataError(
         f"{where}: target {value!r} in column '{column}' is neither a choice index (0-{len(choices) - 1}), a letter, "
         f"nor one of the choices {choices}",
