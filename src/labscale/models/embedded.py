@@ -125,7 +125,7 @@ def list_embedded() -> list[dict]:
     for m in EMBEDDED.values():
         g = gguf_path(m.name)
         folder = converted_dir(m.name)
-        converted = g is not None and _is_current(folder, g)
+        converted = is_converted(m.name)
         rows.append(
             {
                 "name": m.name,
