@@ -56,31 +56,43 @@ def run(
     from rich.console import Console
 
     from labscale.config import load_experiment
-    from labscale.engine.plan import environment, plan_experiment
+    from labscale.engine.plan import environment, plan_experiment, skipped_models
     from labscale.engine.runner import Runner
+    from labscale.errors import LabscaleError
     from labscale.report.markdown import write_report
 
     console = Console(stderr=True)
     exp = load_experiment(file)
+    notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped_models(exp)]
+    for notice in notices:
+        typer.echo(f"notice: {notice}", err=True)
     with console.status("planning: loading tasks and tokenizers, checking prompts…"):
         plans = plan_experiment(exp, limit)
     db = db or _default_db(exp.name)
     store = _open_store(db)  # opened only after everything validated: bad input leaves the database untouched
+    stopped: LabscaleError | None = None
     try:
         config = exp.model_dump(mode="json")
         if limit:
             config["limit"] = limit
         exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, environment(),
-                                        [p.record() for p in plans])
-        runner = Runner(store, console, exp.bootstrap_samples)
-        runner.run_all(plans)
-        store.finish_experiment(exp_id)
+                                        [p.record() for p in plans], notices)
+        runner = Runner(store, console, exp.bootstrap_samples, exp.cost_limit)
+        try:
+            runner.run_all(plans)
+            store.finish_experiment(exp_id)
+        except LabscaleError as e:  # e.g. the cost limit, a rejected API key: report what is done, then fail
+            stopped = e
     finally:
         store.close()
     report = write_report(db)
     g, ll = runner.generations, runner.loglikelihoods
     typer.echo(f"database: {db}")
     typer.echo(f"report: {report}")
+    if stopped is not None:
+        raise stopped
+    if g.failed:
+        typer.echo(f"failed requests: {g.failed} (recorded and scored as wrong; run again to retry them)")
     typer.echo(f"log-likelihood requests: {ll.new} new, {ll.cached} cached")
     typer.echo(f"generations: {g.new + ll.new} new, {g.cached + ll.cached} cached")
 

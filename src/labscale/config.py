@@ -16,20 +16,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
-    """A model entry. The short form `- embedded:smollm2-135m-instruct` is the same as `- id: embedded:…`."""
+class Price(_Strict):
+    """US dollars per million tokens."""
 
-    id: str = Field(description="embedded:<name> | hf:<hub id or local path>")
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+_API_ONLY = ("base_url", "price", "context_length")
+
+
+class ModelSpec(_Strict):
+    """A model entry. The short form `- embedded:smollm2-135m-instruct` is the same as `- id: embedded:…`.
+
+    The fields after `revision` apply to `openai:<model>` (any OpenAI-compatible API)."""
+
+    id: str = Field(description="embedded:<name> | hf:<hub id or local path> | openai:<model>")
     name: Optional[str] = Field(None, description="display name in reports (default: id)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "8bit", "4bit"] = "none"
     device: str = "auto"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="local: forward batch; API: requests per stored batch")
     revision: Optional[str] = None
+    base_url: Optional[str] = Field(None, description="API endpoint (default: $OPENAI_BASE_URL, else OpenAI's)")
+    api_key_env: Optional[str] = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key; null for servers without auth"
+    )
+    optional: bool = Field(False, description="skip the model with a notice when its API key is not set")
+    concurrency: int = Field(8, ge=1, le=256, description="API requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="per API request")
+    max_retries: int = Field(5, ge=0, le=20, description="retries on 429, 5xx, timeouts and malformed replies")
+    price: Optional[Price] = Field(None, description="overrides the built-in price table")
+    context_length: Optional[int] = Field(None, ge=1, description="API model context (default: the price table's)")
 
     @property
     def label(self) -> str:
         return self.name or self.id
+
+    @property
+    def is_api(self) -> bool:
+        return self.id.startswith("openai:")
+
+    @model_validator(mode="after")
+    def _api_fields(self):
+        if not self.is_api:
+            given = [f for f in _API_ONLY if getattr(self, f) is not None] + (["optional"] if self.optional else [])
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to openai:<model> entries")
+        return self
 
 
 class TaskSpec(_Strict):
@@ -70,6 +104,9 @@ class Experiment(_Strict):
     seed: int = 0
     generation: GenerationSpec = GenerationSpec()
     bootstrap_samples: int = Field(1000, ge=100)
+    cost_limit: Optional[float] = Field(
+        None, gt=0, description="US dollars: API requests stop before this experiment's API cost would exceed it"
+    )
     base_dir: Path = Field(Path("."), exclude=True, description="where relative data paths resolve")
 
     @field_validator("models", mode="before")

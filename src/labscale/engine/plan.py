@@ -17,9 +17,16 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
 from labscale.config import Experiment, ModelSpec
-from labscale.errors import ModelError
+from labscale.errors import ConfigError, ModelError
 from labscale.models.base import DecodingParams, ModelBackend
-from labscale.settings.setting import Setting, check_shots, chat_prompt, loglikelihood_prompt, parse_setting, protocol_for
+from labscale.settings.setting import (
+    Setting,
+    chat_prompt,
+    check_shots,
+    loglikelihood_prompt,
+    parse_setting,
+    protocol_for,
+)
 from labscale.tasks.base import Example, Task
 
 # Bump when prompt construction or answer parsing changes, so stored runs are not mistaken for new ones.
@@ -127,19 +134,51 @@ def _resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
     return spec
 
 
+def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
+    """Optional API models whose key is not set, with the reason: left out of the plan with a visible notice.
+    A required model without its key is an error before any work starts."""
+    from labscale.models.openai_api import key_missing
+
+    skipped = []
+    for spec in exp.models:
+        var = key_missing(spec) if spec.is_api else None
+        if var is None:
+            continue
+        if not spec.optional:
+            raise ConfigError(f"model '{spec.label}' needs an API key in ${var}, which is not set",
+                              f"export {var}=…, or mark the model optional: true to skip it without a key")
+        skipped.append((spec, f"${var} is not set"))
+    if len(skipped) == len(exp.models):
+        raise ConfigError("every model was skipped (optional API models without keys)",
+                          "set the API keys, or add a model that needs none")
+    return skipped
+
+
+def _check_prices(exp: Experiment, backends: list[ModelBackend]) -> None:
+    if exp.cost_limit is None:
+        return
+    for b in backends:
+        if b.info.backend == "openai" and b.info.extra.get("price_per_million") is None:
+            raise ConfigError(f"cost_limit is set but no price is known for model '{b.info.name}'",
+                              "add price: {input: <$ per 1M tokens>, output: <$ per 1M>} to its entry "
+                              "(0 for a local server)")
+
+
 def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
     from labscale.models.registry import resolve_model
     from labscale.tasks.registry import get_task
 
     limit = limit or exp.limit
+    skipped = {spec.label for spec, _ in skipped_models(exp)}
     settings = [parse_setting(s) for s in exp.settings]
     tasks = [get_task(t, exp.base_dir) for t in exp.tasks]
     for task in tasks:
         for setting in settings:
             check_shots(task, setting)
     test_sets = {task.name: task.split("test", limit) for task in tasks}
-    models = [_resolve_relative(spec, exp.base_dir) for spec in exp.models]
+    models = [_resolve_relative(spec, exp.base_dir) for spec in exp.models if spec.label not in skipped]
     backends = [resolve_model(spec) for spec in models]
+    _check_prices(exp, backends)
 
     plans = []
     for spec, backend in zip(models, backends):

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from labscale.answers import parse_answer
 from labscale.engine.plan import RunPlan, sha
 from labscale.engine.store import Store
-from labscale.metrics.base import Outcome
+from labscale.metrics.base import UNPARSEABLE, Outcome
 from labscale.models.base import GenerationRequest, LoglikelihoodRequest
 
 
@@ -25,6 +25,7 @@ from labscale.models.base import GenerationRequest, LoglikelihoodRequest
 class Counts:
     new: int = 0
     cached: int = 0
+    failed: int = 0  # requests that failed after their retries (recorded, not cached)
 
 
 def generation_key(fingerprint: str, prompt: str, params: dict) -> str:
@@ -41,12 +42,16 @@ def _chunks(seq: list, size: int):
 
 
 class Runner:
-    def __init__(self, store: Store, console: Console | None = None, bootstrap_samples: int = 1000):
+    def __init__(self, store: Store, console: Console | None = None, bootstrap_samples: int = 1000,
+                 cost_limit: float | None = None):
+        from labscale.efficiency.cost import SpendingCap
+
         self.store = store
         self.console = console or Console(stderr=True)
         self.bootstrap_samples = bootstrap_samples
         self.generations = Counts()
         self.loglikelihoods = Counts()
+        self.cap = SpendingCap(cost_limit)
 
     def run_all(self, plans: list[RunPlan]) -> None:
         with Progress(
@@ -54,7 +59,7 @@ class Runner:
             console=self.console, transient=False,
         ) as progress:
             for i, plan in enumerate(plans):
-                if self.store.run_status(plan.id) == "complete":
+                if self.store.run_status(plan.id) == "complete" and not self.store.run_failures(plan.id):
                     counts = self.loglikelihoods if plan.protocol == "loglikelihood" else self.generations
                     counts.cached += sum(max(1, len(it.continuations)) for it in plan.items)
                     progress.add_task(f"{plan.label} (stored)", total=len(plan.items), completed=len(plan.items))
@@ -69,22 +74,32 @@ class Runner:
         from labscale.efficiency.meter import PeakRSS
 
         started = time.time()
+        self._retries = 0
         with PeakRSS() as mem:
             if plan.protocol == "loglikelihood":
                 outcomes, keys, records = self._loglikelihood(plan, advance)
             else:
                 outcomes, keys, records = self._generate(plan, advance)
             predictions, scores = self._score(plan, outcomes, keys)
-        efficiency = self._efficiency(plan, records, time.time() - started, mem.peak_bytes)
+        efficiency = self._efficiency(plan, outcomes, records, time.time() - started, mem.peak_bytes)
+        failed = sum(o.failed is not None for o in outcomes)
+        if failed:
+            self.console.print(f"[yellow]{plan.label}: {failed} of {len(outcomes)} requests failed after retries "
+                               "(scored as wrong; re-run the experiment to retry them)[/]")
         self.store.complete_run(plan.id, predictions, scores, efficiency, started)
 
     # -- model calls through the cache ---------------------------------------------------------------------
 
     def _generate(self, plan: RunPlan, advance):
+        from labscale.efficiency.cost import cost_usd
+
         fp = plan.backend.info.fingerprint
+        price = plan.backend.info.extra.get("price_per_million")
         params = plan.decoding.key()
         keys = [generation_key(fp, it.prompt, params) for it in plan.items]
         have = self.store.cached_generations(keys)
+        for key, row in have.items():
+            self.cap.add(key, cost_usd(price, row["prompt_tokens"], row["new_tokens"]))
         todo: dict[str, object] = {}
         for key, it in zip(keys, plan.items):
             if key not in have and key not in todo:
@@ -92,26 +107,43 @@ class Runner:
         hits = sum(k in have for k in keys)
         self.generations.cached += hits
         advance(hits)
+        failures: dict[str, str] = {}
         # Longest prompts first, one backend batch per chunk: each chunk is committed before the next starts.
         pending = sorted(todo.items(), key=lambda kv: -kv[1].tokens)
-        for chunk in _chunks(pending, plan.model.batch_size):
+        while pending:
+            chunk = pending[: plan.model.batch_size]
+            if price is not None:  # API spending: admit only what fits under the cost limit, worst case
+                worst = [cost_usd(price, it.tokens, plan.decoding.max_new_tokens) for _, it in chunk]
+                chunk = chunk[: self.cap.admit(worst)]
+            pending = pending[len(chunk):]
             results = plan.backend.generate([GenerationRequest(it.prompt, plan.decoding) for _, it in chunk])
             self.store.put_generations([
                 {"key": key, "model_fingerprint": fp, "prompt": it.prompt, "params": params, "text": r.text,
                  "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens, "latency_s": r.latency_s,
-                 "compute_s": r.compute_s, "finish_reason": r.finish_reason}
-                for (key, it), r in zip(chunk, results)
+                 "compute_s": r.compute_s, "finish_reason": r.finish_reason, "usage_estimated": r.usage_estimated}
+                for (key, it), r in zip(chunk, results) if r.error is None
             ])
-            self.generations.new += len(chunk)
+            for (key, _), r in zip(chunk, results):
+                if r.error is None:
+                    self.cap.add(key, cost_usd(price, r.prompt_tokens, r.new_tokens))
+                else:
+                    failures[key] = r.error
+            n_failed = sum(r.error is not None for r in results)
+            self.generations.new += len(results) - n_failed
+            self.generations.failed += n_failed
+            self._retries += sum(r.retries for r in results)
             done = {key for key, _ in chunk}
             advance(sum(k in done for k in keys))
         rows = self.store.cached_generations(keys)
         outcomes = []
         for key, it in zip(keys, plan.items):
+            if key in failures:
+                outcomes.append(Outcome(it.example, "", UNPARSEABLE, failed=failures[key]))
+                continue
             text = rows[key]["text"]
             prediction = parse_answer(plan.task, it.example, text, cot=plan.setting.kind == "cot")
             outcomes.append(Outcome(it.example, text, prediction))
-        return outcomes, [[k] for k in keys], [rows[k] for k in dict.fromkeys(keys)]
+        return outcomes, [[k] for k in keys], [rows[k] for k in dict.fromkeys(keys) if k in rows]
 
     def _loglikelihood(self, plan: RunPlan, advance):
         fp = plan.backend.info.fingerprint
@@ -167,12 +199,12 @@ class Runner:
                 row[name] = s
         predictions = [
             {"example_id": o.example.id, "prompt": it.prompt, "output": o.output, "prediction": o.prediction,
-             "target": o.example.target, "cache_keys": ks, "stats": stats}
+             "target": o.example.target, "cache_keys": ks, "stats": stats, "error": o.failed}
             for o, it, ks, stats in zip(outcomes, plan.items, keys, per_example)
         ]
         return predictions, scores
 
-    def _efficiency(self, plan: RunPlan, records, wall_s: float, peak_rss: int) -> dict:
+    def _efficiency(self, plan: RunPlan, outcomes: list[Outcome], records, wall_s: float, peak_rss: int) -> dict:
         compute_s = sum(r["compute_s"] for r in records)
         n = len(plan.items)
         eff = {"examples": n, "compute_s": compute_s, "wall_s": wall_s, "peak_rss_bytes": peak_rss,
@@ -185,7 +217,14 @@ class Runner:
                 new_tokens_per_s=new_tokens / compute_s if compute_s > 0 else None,
                 mean_latency_s=sum(r["latency_s"] for r in records) / len(records) if records else None,
                 truncated=sum(1 for r in records if r["finish_reason"] == "length"),
+                failed=sum(o.failed is not None for o in outcomes), retries=self._retries,
             )
+            price = plan.backend.info.extra.get("price_per_million")
+            if plan.backend.info.backend == "openai":
+                from labscale.efficiency.cost import cost_usd
+
+                eff.update(cost_usd=cost_usd(price, eff["prompt_tokens"], new_tokens), price_per_million=price,
+                           usage_estimated=sum(r["usage_estimated"] for r in records))
         return eff
 
 

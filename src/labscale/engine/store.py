@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: predictions.error, generations.usage_estimated, notices
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS generations (
     latency_s REAL NOT NULL,
     compute_s REAL NOT NULL,
     finish_reason TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    usage_estimated INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS loglikelihoods (
     key TEXT PRIMARY KEY,
@@ -86,7 +87,12 @@ CREATE TABLE IF NOT EXISTS predictions (
     target TEXT NOT NULL,
     cache_keys_json TEXT NOT NULL,
     stats_json TEXT NOT NULL,
+    error TEXT,
     PRIMARY KEY (run_id, example_id)
+);
+CREATE TABLE IF NOT EXISTS notices (
+    experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    message TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS scores (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -116,8 +122,18 @@ class Store:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript manages its own transaction
-            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self._migrate()
+            self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         self.conn.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older labscale up to this schema (additive changes only)."""
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(predictions)")}
+        if "error" not in columns:
+            self.conn.execute("ALTER TABLE predictions ADD COLUMN error TEXT")
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(generations)")}
+        if "usage_estimated" not in columns:
+            self.conn.execute("ALTER TABLE generations ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.conn.close()
@@ -134,14 +150,17 @@ class Store:
 
     # -- experiments and runs -------------------------------------------------------------------------------
 
-    def begin_experiment(self, name: str, config_hash: str, config: dict, environment: dict, runs: list[dict]) -> int:
-        """Record an experiment invocation and register its runs (pending unless already stored)."""
+    def begin_experiment(self, name: str, config_hash: str, config: dict, environment: dict, runs: list[dict],
+                         notices: list[str] = ()) -> int:
+        """Record an experiment invocation, its notices (e.g. skipped models) and its runs (pending unless already
+        stored)."""
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO experiments(name, config_hash, config_json, environment_json, started_at) VALUES (?,?,?,?,?)",
                 (name, config_hash, _dumps(config), _dumps(environment), time.time()),
             )
             exp_id = cur.lastrowid
+            c.executemany("INSERT INTO notices(experiment_id, message) VALUES (?,?)", [(exp_id, m) for m in notices])
             for position, run in enumerate(runs):
                 c.execute(
                     """INSERT OR IGNORE INTO runs(id, task, model, model_fingerprint, setting, protocol, n_examples,
@@ -167,6 +186,11 @@ class Store:
         row = self.conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
         return row["status"] if row else None
 
+    def run_failures(self, run_id: str) -> int:
+        """Examples of a stored run whose model request failed (re-running the experiment retries them)."""
+        return self.conn.execute("SELECT COUNT(*) FROM predictions WHERE run_id=? AND error IS NOT NULL",
+                                 (run_id,)).fetchone()[0]
+
     def complete_run(self, run_id: str, predictions: list[dict], scores: list[dict], efficiency: dict,
                      started_at: float) -> None:
         """Write a run's predictions and scores and mark it complete, all in one transaction."""
@@ -175,10 +199,10 @@ class Store:
             c.execute("DELETE FROM scores WHERE run_id=?", (run_id,))
             c.executemany(
                 """INSERT INTO predictions(run_id, position, example_id, prompt, output, prediction, target,
-                   cache_keys_json, stats_json) VALUES (?,?,?,?,?,?,?,?,?)""",
+                   cache_keys_json, stats_json, error) VALUES (?,?,?,?,?,?,?,?,?,?)""",
                 [
                     (run_id, i, p["example_id"], p["prompt"], p["output"], p["prediction"], p["target"],
-                     _dumps(p["cache_keys"]), _dumps(p["stats"]))
+                     _dumps(p["cache_keys"]), _dumps(p["stats"]), p.get("error"))
                     for i, p in enumerate(predictions)
                 ],
             )
@@ -214,10 +238,12 @@ class Store:
         with self.transaction() as c:
             c.executemany(
                 """INSERT OR IGNORE INTO generations(key, model_fingerprint, prompt, params_json, text, prompt_tokens,
-                   new_tokens, latency_s, compute_s, finish_reason, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+                   new_tokens, latency_s, compute_s, finish_reason, created_at, usage_estimated)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
                 [
                     (r["key"], r["model_fingerprint"], r["prompt"], _dumps(r["params"]), r["text"], r["prompt_tokens"],
-                     r["new_tokens"], r["latency_s"], r["compute_s"], r["finish_reason"], now)
+                     r["new_tokens"], r["latency_s"], r["compute_s"], r["finish_reason"], now,
+                     int(r.get("usage_estimated", False)))
                     for r in rows
                 ],
             )
@@ -248,6 +274,13 @@ class Store:
             (exp_id,),
         ).fetchall()
 
+    def notices(self, exp_id: int) -> list[str]:
+        try:
+            rows = self.conn.execute("SELECT message FROM notices WHERE experiment_id=? ORDER BY rowid", (exp_id,))
+            return [r[0] for r in rows]
+        except sqlite3.OperationalError:  # a database from before notices, opened read-only
+            return []
+
     def scores(self, run_id: str) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM scores WHERE run_id=? ORDER BY rowid", (run_id,)).fetchall()
 
@@ -255,5 +288,5 @@ class Store:
         return self.conn.execute("SELECT * FROM predictions WHERE run_id=? ORDER BY position", (run_id,)).fetchall()
 
     def counts(self) -> dict[str, int]:
-        tables = ("experiments", "runs", "generations", "loglikelihoods", "predictions", "scores")
+        tables = ("experiments", "runs", "generations", "loglikelihoods", "predictions", "scores", "notices")
         return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}

@@ -1,7 +1,7 @@
 """From an experiment's model entry to a backend: `resolve_model(spec)`.
 
 Model ids are `<prefix>:<rest>`. Each prefix maps to a factory in `FACTORIES`; add a backend by adding an entry
-(e.g. `"openai": make_openai_backend` for OpenAI-compatible APIs).
+(`embedded:`, `hf:`, `openai:` for OpenAI-compatible APIs).
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ def _hf(spec: ModelSpec, path_or_id: str) -> ModelBackend:
     return HFBackend(spec, path_or_id, spec.label)
 
 
+def _openai(spec: ModelSpec, model: str) -> ModelBackend:
+    from labscale.models.openai_api import OpenAIBackend
+
+    return OpenAIBackend(spec, model)
+
+
 FACTORIES: dict[str, Factory] = {
     "embedded": _embedded,
     "hf": _hf,
-    # "openai": added by the OpenAI-compatible backend
+    "openai": _openai,
 }
 
 
@@ -49,6 +55,6 @@ def resolve_model(spec: ModelSpec) -> ModelBackend:
     factory = FACTORIES.get(prefix) if sep else None
     if factory is None:
         raise ConfigError(
-            f"unknown model '{spec.id}'", "use embedded:<name> (see `labscale models`) or hf:<hub id or local path>"
+            f"unknown model '{spec.id}'", "use embedded:<name> (see `labscale models`), hf:<hub id or local path> or openai:<API model>"
         )
     return factory(spec, rest)

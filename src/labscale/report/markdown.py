@@ -59,6 +59,14 @@ class _Run:
         return ids, np.array([json.loads(p["stats_json"])[metric] for p in preds], dtype=float).reshape(len(ids), -1)
 
 
+def _shown_metric(run: _Run, main: str) -> str:
+    """The main metric, except where the run's protocol cannot compute it: a multiple-choice task answered by
+    letter (API models, cot) has no length-normalised log-likelihood, so its results cell shows accuracy."""
+    if run.protocol == "generate" and run.task_info.get("type") == "multiple_choice" and main == "acc_norm":
+        return "acc"
+    return main
+
+
 def build_report(store: Store, experiment: str | None = None, bootstrap_samples: int | None = None) -> str:
     exp = store.latest_experiment(experiment)
     if exp is None:
@@ -91,6 +99,14 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
     if pending:
         lines += [f"**{len(pending)} run(s) did not finish** (shown as `pending`); re-run the experiment to complete "
                   "them without repeating finished work.", ""]
+    for notice in store.notices(exp["id"]):
+        lines += [f"**Notice:** {notice}.", ""]
+    failed = [r for r in runs if r.complete and r.efficiency.get("failed")]
+    if failed:
+        lines += ["**Failed requests** (API errors that persisted through retries; scored as wrong, reasons in the "
+                  "database's `predictions.error`; re-running the experiment retries them): " + ", ".join(
+                      f"{r.model} · {r.task} · {r.setting}: {r.efficiency['failed']}/{r.efficiency['examples']}"
+                      for r in failed) + ".", ""]
 
     lines += ["## Models", ""]
     model_rows = []
@@ -99,7 +115,8 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
         params = f"{info['parameters'] / 1e6:,.1f}M" if info.get("parameters") else "n/a"
         model_rows.append([m, info["backend"], f"`{info['fingerprint']}`", params, info.get("dtype") or "n/a",
                            info.get("device") or "n/a", info.get("quantization") or "none",
-                           str(info["context_length"])])
+                           str(info["context_length"]) if info.get("extra", {}).get("context_known", True)
+                           else "unknown"])
     lines += table(["model", "backend", "fingerprint", "parameters", "dtype", "device", "quantization", "context"],
                    model_rows)
 
@@ -111,8 +128,10 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
             cells = []
             for m in models:
                 r = by_key.get((task, m, setting))
-                s = r.scores.get(metric) if r and r.complete else None
-                cells.append(fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else ("pending" if r else "—"))
+                shown = _shown_metric(r, metric) if r else metric
+                s = r.scores.get(shown) if r and r.complete else None
+                cell = fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else ("pending" if r else "—")
+                cells.append(cell + (f" ({shown}, {r.protocol})" if s and shown != metric else ""))
             protocols = {by_key[(task, m, setting)].protocol for m in models if (task, m, setting) in by_key}
             note = "" if protocols <= {"generate"} else f", {'/'.join(sorted(protocols))}"
             n = next((by_key[(task, m, setting)].row["n_examples"] for m in models if (task, m, setting) in by_key), 0)
@@ -143,13 +162,15 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
                   "A difference whose CI excludes 0 is marked *.", ""]
         rows = []
         for task in tasks:
-            metric = main_metric[task]
-            aggregate = get_metric(metric).aggregate
             for setting in settings:
                 for a, b in combinations(models, 2):
                     ra, rb = by_key.get((task, a, setting)), by_key.get((task, b, setting))
                     if not (ra and rb and ra.complete and rb.complete):
                         continue
+                    # both runs on a metric each can compute (accuracy when one answered by letter)
+                    shown = {_shown_metric(ra, main_metric[task]), _shown_metric(rb, main_metric[task])}
+                    metric = shown.pop() if len(shown) == 1 else "acc"
+                    aggregate = get_metric(metric).aggregate
                     ids_a, sa = ra.stats(metric)
                     ids_b, sb = rb.stats(metric)
                     if ids_a != ids_b:
@@ -188,6 +209,8 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
             f"{r.model} · {r.task} · {r.setting}: {r.efficiency['truncated']}/{r.efficiency['examples']}"
             for r in truncated) + ".", ""]
 
+    lines += _cost_section(runs)
+
     lines += ["## Provenance", "",
               f"- Config hash `{exp['config_hash']}`; Python {env['python']} on {env['platform']} ({env['cpus']} CPUs).",
               f"- Packages: {pkgs}.",
@@ -195,6 +218,34 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
               "- Every prediction, exact prompt and generation is in the database (tables `predictions`, "
               "`generations`, `loglikelihoods`); run ids: " + ", ".join(f"`{r.id}`" for r in runs) + ".", ""]
     return "\n".join(lines)
+
+
+def _cost_section(runs: list[_Run]) -> list[str]:
+    """API spending per run: tokens the API reported × the run's recorded price."""
+    api = [r for r in runs if r.model_info.get("backend") == "openai"]
+    if not api:
+        return []
+    lines = ["## API cost", "",
+             "Tokens as reported by the API (`usage`) for the requests behind each run's results — cached results "
+             "keep the cost of the call that made them — times the price recorded with the run ($ per million "
+             "input / output tokens). Failed requests are not billed and not counted.", ""]
+    rows, total = [], 0.0
+    for r in api:
+        e = r.efficiency
+        price = r.model_info.get("extra", {}).get("price_per_million")
+        price_s = f"{price['input']:g} / {price['output']:g} ({price['source']})" if price else "unknown"
+        if not r.complete:
+            rows.append([r.model, r.task, r.setting, price_s, *["pending"] * 5])
+            continue
+        cost = e.get("cost_usd")
+        total += cost or 0.0
+        est = f" ({e['usage_estimated']} estimated)" if e.get("usage_estimated") else ""
+        rows.append([r.model, r.task, r.setting, price_s, f"{e.get('prompt_tokens', 0):,}{est}",
+                     f"{e.get('new_tokens', 0):,}", str(e.get("retries", 0)), str(e.get("failed", 0)),
+                     "n/a" if cost is None else f"${cost:.4f}"])
+    lines += table(["model", "task", "setting", "price in / out ($/1M)", "prompt tokens", "completion tokens",
+                    "retries", "failed", "cost"], rows)
+    return lines + [f"Total API cost of the results above: ${total:.4f}.", ""]
 
 
 def write_report(db: Path, out: Path | None = None, experiment: str | None = None) -> Path:
