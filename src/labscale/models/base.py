@@ -37,6 +37,7 @@ class DecodingParams:
 class GenerationRequest:
     prompt: str  # already rendered by `ModelBackend.render`
     params: DecodingParams
+    adapter: str | None = None  # a LoRA adapter loaded into the backend (HFBackend.load_adapter); None: base model
 
 
 @dataclass
@@ -46,7 +47,10 @@ class GenerationResult:
     new_tokens: int
     latency_s: float  # wall time the caller waited for this request (its whole batch)
     compute_s: float  # this request's share of the batch's wall time (sums to the run's compute time)
-    finish_reason: str = "stop"  # "stop" (EOS or stop string) | "length"
+    finish_reason: str = "stop"  # "stop" (EOS or stop string) | "length" | "error"
+    error: str | None = None  # why the request failed after its retries (API backends); such results are not cached
+    retries: int = 0  # attempts beyond the first (API backends)
+    usage_estimated: bool = False  # token counts estimated because the API reported no usage
 
 
 @dataclass(frozen=True)
