@@ -159,6 +159,42 @@ def models() -> None:
     typer.echo("Any transformers causal LM also works as hf:<hub id or local folder>.")
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="embedded:<name> or hf:<hub id or local path>"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="LoRA adapter NAME=PATH (repeatable)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, min=0, max=65535, help="port to listen on"),
+    api_key_env: Optional[str] = typer.Option(None, help="require `Authorization: Bearer $VAR` on /v1 routes"),
+    served_name: Optional[str] = typer.Option(None, help="the base model's name in the API (default: --model)"),
+    batch_size: int = typer.Option(16, min=1, help="most requests per forward batch"),
+    max_body_bytes: int = typer.Option(4 << 20, min=1024, help="larger request bodies get 413"),
+    batch_wait_ms: float = typer.Option(10.0, min=0, help="how long a batch waits for more requests"),
+) -> None:
+    """Serve a local model (and LoRA adapters) over an OpenAI-compatible HTTP API; see docs/serve.md."""
+    import os
+
+    from labscale.errors import LabscaleError
+
+    adapters: dict[str, str] = {}
+    for item in adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise LabscaleError(f"--adapter '{item}' is not NAME=PATH", "e.g. --adapter notes=./lora-notes")
+        if name.strip() in adapters:
+            raise LabscaleError(f"--adapter name '{name.strip()}' is given twice", "give each adapter its own name")
+        adapters[name.strip()] = path.strip()
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env, "")
+        if not api_key:
+            raise LabscaleError(f"--api-key-env {api_key_env}: ${api_key_env} is not set",
+                                f"export {api_key_env}=<key>, or drop --api-key-env to serve without a key")
+    from labscale.serve.server import serve as run_server
+
+    run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms)
+
+
 def main() -> None:
     from labscale.errors import LabscaleError
 

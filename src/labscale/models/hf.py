@@ -37,6 +37,16 @@ generated text contains a stop string; its text is then cut at the first stop st
 equals one-at-a-time `model.generate` output (tested); in floating point the two can in principle differ on a
 near-tie, as any change of batch shape can.
 
+LoRA adapters. `load_adapter(name, path)` loads a peft adapter onto the one in-memory model (`PeftModel`
+for the first, `load_adapter` for the rest); `GenerationRequest.adapter` selects it per request. Adapter layers
+are disabled except while a batch that uses one runs: then every forward pass (prefill groups, decode steps,
+the `model.generate` fallback) gets peft's `adapter_names`, one per row ("__base__" for none), so requests for
+different adapters and the base model share a batch. A batch without adapter requests runs exactly as it would
+with no adapter loaded.
+
+Streaming. `generate(..., on_token=f)` calls `f(request index, token id)` for every new token as the fast path
+produces it (EOS included); the `model.generate` fallback produces no per-token calls.
+
 Log-likelihoods follow lm-evaluation-harness: whitespace at the end of the context moves to the continuation,
 continuation tokens are `encode(context + continuation)[len(encode(context)):]`, an empty context is replaced by
 the BOS (or EOS) token, and input longer than the context window is truncated from the left.
@@ -45,12 +55,15 @@ the BOS (or EOS) token, and input longer than the context window is truncated fr
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
+import json
 import os
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +84,9 @@ from labscale.models.base import (
 # Prefill groups: at most this many tokens (rows x width) per forward pass, and at most this fraction padding.
 PREFILL_TOKENS = 2048
 PREFILL_WASTE = 0.15
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+TokenCallback = Callable[[int, int], None]  # (request index, new token id)
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -122,6 +138,8 @@ class HFBackend(ModelBackend):
         self._fast: bool | None = None  # whether the model suits `_generate_fast`; None: not yet known
         self._ragged = False  # whether decoding may pass per-bucket key ranges to the attention (see below)
         self._ragged_verified: bool | None = None
+        self._peft = None  # the PeftModel wrapping `_model` once an adapter is loaded
+        self._adapters: dict[str, str] = {}  # adapter name -> folder
 
     # ----------------------------------------------------------------------------------------------- loading
 
@@ -248,6 +266,74 @@ class HFBackend(ModelBackend):
                 self._info.parameters = self._parameters
         return self._model
 
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Loaded LoRA adapters: name -> folder."""
+        return dict(self._adapters)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the peft adapter saved in `path` onto the in-memory model as `name` (loads the weights first)."""
+        folder = Path(os.path.expanduser(str(path))).resolve()
+        if not name or name == BASE_ADAPTER or name in self._adapters:
+            raise ModelError(f"adapter name '{name}' is empty, reserved or already used", "pick another name")
+        try:
+            cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ModelError(f"'{path}' is not a peft adapter folder (no readable adapter_config.json)",
+                             "check the path") from None
+        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+            kind = "DoRA" if cfg.get("use_dora") else cfg.get("peft_type")
+            raise ModelError(f"adapter '{name}' is {kind}, not LoRA", "only LoRA adapters can share a batch")
+        import logging
+
+        bnb_log = logging.getLogger("bitsandbytes")  # peft imports bitsandbytes, which warns about CPU kernels
+        level = bnb_log.level
+        bnb_log.setLevel(logging.ERROR)
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ModelError("LoRA adapters need the peft package", "pip install peft") from None
+        finally:
+            bnb_log.setLevel(level)
+        model = self.model
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft's deprecation notices about transformers internals
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+                else:
+                    self._peft.load_adapter(str(folder), adapter_name=name)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            first = next((x for x in lines if "size mismatch" in x), lines[0])[:200].rstrip(":")
+            raise ModelError(f"cannot load adapter '{name}' from '{path}': {first}",
+                             f"is it a LoRA adapter trained for {self.display_name}?") from None
+        self._peft.eval()
+        self._peft.base_model.disable_adapter_layers()  # the plain model is the base model; see `_adapter_scope`
+        self._adapters[name] = str(folder)
+
+    def _adapter_names(self, adapters: list[str | None]) -> list[str] | None:
+        """peft's per-row adapter names for a batch, or None when no row uses an adapter."""
+        if not any(adapters):
+            return None
+        return [a or BASE_ADAPTER for a in adapters]
+
+    @contextlib.contextmanager
+    def _adapter_scope(self, names: list[str] | None):
+        """Adapter layers on for the duration of a batch that uses adapters (off otherwise)."""
+        if names is None:
+            yield
+            return
+        self._peft.base_model.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            self._peft.base_model.disable_adapter_layers()
+
+    def _forward(self, names: list[str] | None):
+        """The model's forward for a batch whose rows use adapters `names` (None: the plain model)."""
+        return self.model if names is None else functools.partial(self._peft, adapter_names=names)
+
     # --------------------------------------------------------------------------------------------- metadata
 
     def _count_parameters_from_config(self) -> int | None:
@@ -346,9 +432,18 @@ class HFBackend(ModelBackend):
 
     # ------------------------------------------------------------------------------------------- generating
 
-    def generate(self, requests: list[GenerationRequest], progress: Progress | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        progress: Progress | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[GenerationResult]:
         if not requests:
             return []
+        for r in requests:
+            if r.adapter is not None and r.adapter not in self._adapters:
+                known = ", ".join(sorted(self._adapters)) or "none"
+                raise ModelError(f"unknown adapter '{r.adapter}' (loaded: {known})", "load it with load_adapter")
         encoded = [self._encode(r.prompt) for r in requests]
         ctx = self.context_length
         for r, ids in zip(requests, encoded):
@@ -368,8 +463,11 @@ class HFBackend(ModelBackend):
             idxs.sort(key=lambda i: (-len(encoded[i]), i))
             for start in range(0, len(idxs), bs):
                 batch = idxs[start : start + bs]
+                cb = None if on_token is None else (lambda j, t, batch=batch: on_token(batch[j], t))
                 with self._oom_guard(len(batch)):
-                    out = self._generate_batch([encoded[i] for i in batch], params)
+                    out = self._generate_batch(
+                        [encoded[i] for i in batch], params, [requests[i].adapter for i in batch], cb
+                    )
                 for i, res in zip(batch, out):
                     results[i] = res
                 if progress is not None:
@@ -391,17 +489,24 @@ class HFBackend(ModelBackend):
                 "lower batch_size for this model in the experiment file, or use quantization: 4bit",
             ) from None
 
-    def _generate_batch(self, batch: list[list[int]], params) -> list[GenerationResult]:
+    def _generate_batch(
+        self,
+        batch: list[list[int]],
+        params,
+        adapters: list[str | None] | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[GenerationResult]:
         import torch
 
         device = self.model.device
+        names = self._adapter_names(adapters) if adapters else None
         if params.temperature > 0:
             torch.manual_seed(params.seed)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self._generate_fast(batch, params) if self._fast is not False else None
+        with torch.inference_mode(), self._adapter_scope(names):
+            out = self._generate_fast(batch, params, names, on_token) if self._fast is not False else None
             if out is None:
-                out = self._generate_hf(batch, params)
+                out = self._generate_hf(batch, params, names)
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
@@ -428,7 +533,13 @@ class HFBackend(ModelBackend):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in stops)
 
-    def _generate_fast(self, batch: list[list[int]], params) -> list[tuple[list[int], str]] | None:
+    def _generate_fast(
+        self,
+        batch: list[list[int]],
+        params,
+        names: list[str] | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[tuple[list[int], str]] | None:
         """Prefill (see `_prefill`), then a decode loop that feeds one token per live row and per step, with
         explicit position ids and a left-padded attention mask; rows that finished (EOS or stop string) are
         dropped from the batch when that saves more than it costs. With ragged
@@ -436,14 +547,16 @@ class HFBackend(ModelBackend):
         own key range instead of the whole padded width.
 
         Per row: the new tokens up to and including EOS / the token completing a stop string, and the finish
-        reason. Returns None when the model does not suit this path (then `generate` is used)."""
+        reason. Returns None when the model does not suit this path (then `generate` is used). `names`: peft
+        adapter names per row (None: no adapters); `on_token(row, token)` is called for each new token."""
         import torch
 
-        prefilled = self._prefill(batch, params.max_new_tokens)
+        prefilled = self._prefill(batch, params.max_new_tokens, names)
         if prefilled is None:
             return None
         cache, cached = prefilled
         model = self.model
+        forward = self._forward(names)
         device = model.device
         eos = set(self._eos_ids())
         max_new = params.max_new_tokens
@@ -472,7 +585,7 @@ class HFBackend(ModelBackend):
         n = cached
         for step in range(max_new):
             mask[:, n] = 1
-            logits = model(
+            logits = forward(
                 input_ids=cur[:, None],
                 attention_mask=mask[:, : n + 1],
                 position_ids=pos[:, None],
@@ -491,6 +604,8 @@ class HFBackend(ModelBackend):
                     continue
                 j = rows[k]
                 gen[j].append(t)
+                if on_token is not None:
+                    on_token(j, t)
                 if t in eos or (params.stop and self._hits_stop(gen[j], params.stop)):
                     live[k], reason[j] = False, "stop"
             remaining = sum(live)
@@ -506,6 +621,9 @@ class HFBackend(ModelBackend):
                 mask, pos, nxt = mask[idx], pos[idx], nxt[idx]
                 rows = [rows[k] for k in keep]
                 starts = [starts[k] for k in keep]
+                if names is not None:
+                    names = [names[k] for k in keep]
+                    forward = self._forward(names)
                 if self._ragged:
                     kw[RAGGED_KWARG] = _plan_buckets(starts, n + (max_new - step) // 2)
                 live = [True] * len(keep)
@@ -533,7 +651,7 @@ class HFBackend(ModelBackend):
                 pass
         return ok
 
-    def _prefill(self, batch: list[list[int]], max_new_tokens: int):
+    def _prefill(self, batch: list[list[int]], max_new_tokens: int, names: list[str] | None = None):
         """The key/value cache of every prompt but its last token, laid out left-padded (as a padded batched
         prefill would leave it) in buffers with room for the new tokens. Returns (cache, cached length), or None
         for models whose cache is not a plain full-attention DynamicCache (sliding windows, linear attention, …)
@@ -543,7 +661,8 @@ class HFBackend(ModelBackend):
         never lets a real token see the padding after it, so each row's keys/values are those of the prompt
         alone (rotary positions 0…n-2, the positions a left-padded row gets from its mask), with no wasted
         attention-mask work and little padding. Keys/values go into preallocated buffers: DynamicCache's
-        `torch.cat` on every step copies the whole cache, which with long prompts costs more than the forward."""
+        `torch.cat` on every step copies the whole cache, which with long prompts costs more than the forward.
+        `names`: peft adapter names per row, or None."""
         import torch
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
@@ -585,7 +704,8 @@ class HFBackend(ModelBackend):
             x = torch.full((len(g), width), pad, dtype=torch.long)
             for i, j in enumerate(g):
                 x[i, : prefix[j]] = torch.tensor(batch[j][:-1], dtype=torch.long)
-            pkv = model(input_ids=x.to(device), use_cache=True, **kw).past_key_values
+            forward = self._forward(None if names is None else [names[j] for j in g])
+            pkv = forward(input_ids=x.to(device), use_cache=True, **kw).past_key_values
             if keys is None:
                 if type(pkv) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in pkv.layers):
                     self._fast = False
@@ -637,8 +757,11 @@ class HFBackend(ModelBackend):
             use_cache=True,
         )
 
-    def _generate_hf(self, batch: list[list[int]], params) -> list[tuple[list[int], str]]:
-        """Fallback for models the fast path does not handle: one left-padded `model.generate` call."""
+    def _generate_hf(
+        self, batch: list[list[int]], params, names: list[str] | None = None
+    ) -> list[tuple[list[int], str]]:
+        """Fallback for models the fast path does not handle: one left-padded `model.generate` call (through
+        peft, with per-row `adapter_names`, when `names` is given)."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -656,6 +779,8 @@ class HFBackend(ModelBackend):
         kw: dict[str, Any] = {}
         if stopper is not None:
             kw["stopping_criteria"] = StoppingCriteriaList([stopper])
+        if names is not None:
+            model, kw["adapter_names"] = self._peft, names
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
@@ -777,6 +902,8 @@ class HFBackend(ModelBackend):
         import torch
 
         self._model = None
+        self._peft = None
+        self._adapters = {}
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,0 +1,288 @@
+"""The HTTP API: FastAPI routes for OpenAI's /v1/models, /v1/chat/completions and /v1/completions, plus /health.
+
+Each request is validated, its prompt rendered exactly as a direct evaluation renders it (`backend.render`: the
+chat template for messages, a completion prompt as-is) and counted with the backend's own encoding, then handed
+to the `Batcher`. Handlers are async and only await the batcher's futures. Streaming answers are server-sent
+events in OpenAI's chunk format, fed token by token from the decode loop when the backend supports it (text is
+released by `TextStream`), ending with `data: [DONE]`.
+
+Every /v1 route needs `Authorization: Bearer <key>` when the app has an API key; bodies above `max_body_bytes`
+get 413. Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from labscale.errors import LabscaleError
+from labscale.models.base import GenerationRequest, GenerationResult, ModelBackend
+from labscale.serve.batcher import Batcher, ShuttingDown
+from labscale.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, max_tokens_for, parse
+from labscale.serve.stream import TextStream
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class _Guard:
+    """ASGI middleware: bearer-token check on /v1 routes, then the body-size limit (the body is read here, at
+    most `max_body_bytes` of it, and replayed to the app)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                msg = "incorrect API key provided" if auth else "missing API key: send Authorization: Bearer <key>"
+                return await _error_response(APIError(401, msg, code="invalid_api_key"))(scope, receive, send)
+        too_large = APIError(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _error_response(too_large)(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await _error_response(too_large)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(r: GenerationResult) -> dict:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.new_tokens,
+            "total_tokens": r.prompt_tokens + r.new_tokens}
+
+
+def create_app(
+    backend: ModelBackend,
+    batcher: Batcher,
+    base_name: str,
+    adapters: list[str] | tuple[str, ...] = (),
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The app for one backend (its adapters already loaded). The batcher starts and stops with the app."""
+    models: dict[str, str | None] = {base_name: None, **{a: a for a in adapters}}  # served name -> adapter
+    context_length = getattr(backend, "context_length", None) or backend.info.context_length
+    created = int(time.time())
+    tok = getattr(backend, "tokenizer", None)
+    hold_words = bool(getattr(tok, "clean_up_tokenization_spaces", False))
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=True)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="labscale serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return _error_response(APIError(e.status_code, str(e.detail), code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return _error_response(APIError(400, str(e.errors()[:1])))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "labscale"}
+        if models[name] is not None:
+            card["parent"] = base_name
+        return card
+
+    def adapter_for(name: str) -> str | None:
+        if name not in models:
+            raise APIError(404, f"the model '{name}' does not exist; this server has: {', '.join(models)}",
+                           param="model", code="model_not_found")
+        return models[name]
+
+    async def body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+
+    def prepare(req, prompt: Any) -> GenerationRequest:
+        """Render and count the prompt, bound max_tokens: the labscale request (runs in a worker thread)."""
+        try:
+            text = backend.render(prompt)
+        except LabscaleError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception as e:  # noqa: BLE001 - chat templates raise whatever they like (e.g. role order)
+            raise APIError(400, f"cannot render the messages with the chat template: {e}", param="messages") from None
+        n = backend.count_tokens(text)
+        params = req.params(max_tokens_for(req.requested_max_tokens(), n, context_length))
+        return GenerationRequest(text, params, adapter_for(req.model))
+
+    async def run(gen: GenerationRequest) -> GenerationResult:
+        try:
+            return await asyncio.wrap_future(batcher.submit(gen))
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error") from None
+        except LabscaleError as e:
+            raise APIError(400, str(e)) from None
+
+    def stream(req, gen: GenerationRequest, kind: str) -> StreamingResponse:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        text = TextStream(decode, gen.params.stop, hold_words)
+        done = object()
+
+        def on_token(token: int) -> None:  # worker thread
+            piece = text.push(token)
+            if piece:
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        def on_done(_f) -> None:  # worker thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+            except RuntimeError:  # the event loop is gone
+                pass
+
+        future = batcher.submit(gen, on_token if batcher.streams else None)
+        future.add_done_callback(on_done)
+        rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(piece: str | None, finish: str | None = None, first: bool = False) -> str:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+                obj = "text_completion"
+            return _sse({"id": rid, "object": obj, "created": now, "model": req.model, "system_fingerprint": None,
+                         "choices": [choice], **usage_field})
+
+        async def events():
+            try:
+                if kind == "chat":
+                    yield chunk(None, first=True)
+                while (item := await queue.get()) is not done:
+                    yield chunk(item)
+                try:
+                    result: GenerationResult = future.result()
+                except ShuttingDown as e:
+                    yield _sse(APIError(503, str(e), type="server_error").body())
+                    return
+                except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+                    yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+                    return
+                rest = text.finish(result.text)
+                if rest:
+                    yield chunk(rest)
+                yield chunk(None, finish=result.finish_reason)
+                if req.include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                                "created": now, "model": req.model, "system_fingerprint": None, "choices": [],
+                                "usage": _usage(result)})
+                yield "data: [DONE]\n\n"
+            finally:
+                future.cancel()  # not started yet (client gone): skip it
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(models), "context_length": context_length,
+                "batch_size": batcher.batch_size, "stats": batcher.stats.as_dict()}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(m) for m in models]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        adapter_for(name)
+        return model_card(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await body(request))
+        adapter_for(req.model)
+        messages = [m.as_dict() for m in req.messages]
+        gen = await asyncio.to_thread(prepare, req, messages)
+        if req.stream:
+            return stream(req, gen, "chat")
+        r = await run(gen)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": req.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                         "finish_reason": r.finish_reason}],
+            "usage": _usage(r),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = parse(CompletionRequest, await body(request))
+        adapter_for(req.model)
+        gen = await asyncio.to_thread(prepare, req, req.text)
+        if req.stream:
+            return stream(req, gen, "completion")
+        r = await run(gen)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": req.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}],
+            "usage": _usage(r),
+        }
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    return app
