@@ -66,7 +66,8 @@ def run(
     notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped_models(exp)]
     for notice in notices:
         typer.echo(f"notice: {notice}", err=True)
-    with console.status("planning: loading tasks and tokenizers, checking prompts…"):
+    with console.status("planning: loading tasks and tokenizers, checking prompts…"
+                        + (" then fine-tuning the adaptations" if exp.adaptations else "")):
         plans = plan_experiment(exp, limit)
     db = db or _default_db(exp.name)
     store = _open_store(db)  # opened only after everything validated: bad input leaves the database untouched
@@ -193,6 +194,80 @@ def serve(
     from labscale.serve.server import serve as run_server
 
     run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms)
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., "--model", help="embedded:<name> or hf:<hub id or local path>"),
+    task: str = typer.Option(..., "--task", help="a builtin task, or one defined in --experiment"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit (QLoRA: NF4, double "
+                                        "quantization); default: none, or the --experiment model entry's"),
+    recipe: str = typer.Option("auto", "--recipe", help="auto or a recipe name (see `labscale recipes`)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="optimizer steps (overrides epochs)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="adapter folder (default: runs/adapters/<identity>)"),
+    log: str = typer.Option("none", "--log", help="none | wandb (offline) | mlflow (SQLite beside the adapter)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE (repeatable)"),
+    seed: int = typer.Option(0, help="LoRA initialisation, dropout and data order"),
+    budget: float = typer.Option(25.0, "--budget", help="US $ cap: refuse or stop before spending more"),
+    co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap"),
+    hardware: str = typer.Option("auto", help="auto | cpu | t4 | a100: picks the recipe and the price"),
+    price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour (default: by --hardware)"),
+    country: str = typer.Option("USA", help="ISO alpha-3 code for the grid carbon intensity"),
+    experiment: Optional[Path] = typer.Option(None, help="look --task and --model up in this experiment file too"),
+) -> None:
+    """Fine-tune a local model on a task's train split (LoRA / QLoRA); see docs/finetune.md."""
+    from labscale.adapt.finetune import FinetuneOptions, finetune as run_finetune
+    from labscale.adapt.recipes import parse_set
+    from labscale.config import ModelSpec
+    from labscale.errors import ConfigError
+    from labscale.tasks.registry import get_task
+
+    if quant not in (None, "none", "8bit", "4bit"):
+        raise ConfigError(f"unknown --quant '{quant}'", "use none, 8bit or 4bit")
+    spec, entry, base_dir = ModelSpec(id=model, quantization=quant or "none"), task, Path(".")
+    if experiment is not None:
+        from labscale.config import load_experiment
+
+        exp = load_experiment(experiment)
+        base_dir = exp.base_dir
+        entry = next((t for t in exp.tasks if (t if isinstance(t, str) else t.name) == task), task)
+        found = next((m for m in exp.models if model in (m.label, m.id)), None)
+        if found is not None:
+            spec = found.model_copy(update={"quantization": quant}) if quant else found
+    if spec.id.partition(":")[0] == "hf" and spec.id[3:].startswith("."):
+        spec = spec.model_copy(update={"id": f"hf:{(base_dir / spec.id[3:]).resolve()}", "name": spec.label})
+    options = FinetuneOptions(model=spec, task=get_task(entry, base_dir), recipe=recipe, overrides=parse_set(set_ or []),
+                              max_steps=max_steps, out=out, log=log, seed=seed, budget_usd=budget, co2_cap_kg=co2_cap,
+                              hardware=hardware, price_per_hour=price_per_hour, country=country)
+    result = run_finetune(options)
+    if result.card:  # the main process (under accelerate launch, the others stay quiet)
+        typer.echo(f"adapter: {result.out}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the fine-tuning recipes (what `--recipe auto` chooses from)."""
+    from rich.table import Table
+
+    from labscale.adapt.recipes import RECIPES
+
+    t = Table("recipe", "size", "task", "quant", "hardware", "LoRA r/alpha/dropout", "targets", "lr (schedule)",
+              "batch × accum", "max len", "length", "eval/patience", "other")
+    for r in RECIPES:
+        targets = r.target_modules if isinstance(r.target_modules, str) else ",".join(r.target_modules)
+        other = [x for x in ("grad-ckpt" if r.gradient_checkpointing else "", "packing" if r.packing else "",
+                             r.optimizer if r.optimizer != "adamw_torch" else "") if x]
+        t.add_row(r.name, r.size, r.task, r.quant, r.hardware, f"{r.lora_r}/{r.lora_alpha:g}/{r.lora_dropout:g}",
+                  targets, f"{r.learning_rate:g} ({r.lr_scheduler})", f"{r.batch_size} × {r.grad_accum}",
+                  str(r.max_seq_len), f"{r.max_steps} steps" if r.max_steps else f"{r.epochs:g} epochs",
+                  f"{r.eval_every}/{r.patience}", ", ".join(other))
+    _table_console().print(t)
+    for r in RECIPES:
+        if r.note:
+            typer.echo(f"{r.name}: {r.note}")
+    typer.echo("Size classes: tiny < 0.6B ≤ small < 4B ≤ 7b < 10B ≤ 13b. Task: generate, or short (classify, "
+               "multiple choice). `--recipe auto` picks the matching row with the fewest `*`; override any field "
+               "with --set FIELD=VALUE.")
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -95,6 +95,28 @@ class GenerationSpec(_Strict):
     stop: list[str] = []
 
 
+class AdaptationSpec(_Strict):
+    """A fine-tuning declared in the experiment: `model` is trained on `task` (LoRA / QLoRA, see docs/finetune.md)
+    and evaluated under the `finetuned` setting. An identical earlier adapter is reused."""
+
+    model: str = Field(description="a model of this experiment (its name or id), or embedded:/hf: id")
+    task: str = Field(description="a task of this experiment")
+    name: Optional[str] = Field(None, description="the fine-tuned model's column in reports (default: the model's)")
+    quantization: Optional[Literal["none", "8bit", "4bit"]] = Field(
+        None, description="of the base during training and evaluation (default: the model entry's)")
+    recipe: str = "auto"
+    overrides: dict[str, Any] = Field({}, description="recipe fields, e.g. {lora_r: 8, learning_rate: 1e-4}")
+    max_steps: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = Field(None, description="default: the experiment's seed")
+    out: Optional[str] = Field(None, description="adapter folder (default: runs/adapters/<identity>)")
+    budget_usd: float = Field(25.0, gt=0, description="refuse / stop before the training would cost more")
+    co2_cap_kg: Optional[float] = Field(None, gt=0)
+    hardware: Literal["auto", "cpu", "t4", "a100"] = "auto"
+    price_per_hour: Optional[float] = Field(None, ge=0, description="US $ per device-hour (default: by hardware)")
+    country: str = Field("USA", description="ISO 3166 alpha-3 code for the grid carbon intensity")
+    log: Literal["none", "wandb", "mlflow"] = "none"
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[ModelSpec] = Field(min_length=1)
@@ -107,6 +129,7 @@ class Experiment(_Strict):
     cost_limit: Optional[float] = Field(
         None, gt=0, description="US dollars: API requests stop before this experiment's API cost would exceed it"
     )
+    adaptations: list[AdaptationSpec] = Field([], description="fine-tunings, evaluated as the finetuned setting")
     base_dir: Path = Field(Path("."), exclude=True, description="where relative data paths resolve")
 
     @field_validator("models", mode="before")
@@ -126,11 +149,30 @@ class Experiment(_Strict):
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise ValueError(f"{what} listed twice: {', '.join(sorted(dup))}")
+        self._check_adaptations()
         return self
 
+    def _check_adaptations(self) -> None:
+        tasks = [t if isinstance(t, str) else t.name for t in self.tasks]
+        models = {m.label: m for m in self.models} | {m.id: m for m in self.models}
+        seen = set()
+        for a in self.adaptations:
+            if a.task not in tasks:
+                raise ValueError(f"adaptation task '{a.task}' is not one of this experiment's tasks")
+            spec = models.get(a.model)
+            if spec is None and a.model.partition(":")[0] not in ("embedded", "hf"):
+                raise ValueError(f"adaptation model '{a.model}' is neither a model of this experiment nor an "
+                                 "embedded:/hf: id")
+            label = a.name or (spec.label if spec else a.model)
+            if (label, a.task) in seen:
+                raise ValueError(f"two adaptations of '{label}' on task '{a.task}'; give one a `name`")
+            seen.add((label, a.task))
+
     def config_hash(self) -> str:
-        """Hash of everything that determines results (not the display-only base_dir)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of everything that determines results (not the display-only base_dir). An experiment without
+        adaptations hashes as it did before they existed."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=None if self.adaptations else {"adaptations"}),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -123,14 +123,15 @@ def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, e
 
 
 def _resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
-    """`hf:` paths relative to the experiment file, like data paths; the display name stays as written."""
+    """`hf:` and `adapter:` paths relative to the experiment file, like data paths; the display name stays as
+    written."""
     from pathlib import Path
 
     prefix, _, rest = spec.id.partition(":")
-    if prefix == "hf" and rest.startswith("."):
+    if prefix in ("hf", "adapter") and rest.startswith("."):
         candidate = (Path(base_dir) / rest).resolve()
         if candidate.exists():
-            return spec.model_copy(update={"id": f"hf:{candidate}", "name": spec.label})
+            return spec.model_copy(update={"id": f"{prefix}:{candidate}", "name": spec.label})
     return spec
 
 
@@ -180,20 +181,26 @@ def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
     backends = [resolve_model(spec) for spec in models]
     _check_prices(exp, backends)
 
-    plans = []
-    for spec, backend in zip(models, backends):
-        for task in tasks:
-            for setting in settings:
-                protocol = protocol_for(task, setting, backend.supports_loglikelihood)
-                decoding = _decoding(exp, setting)
-                items = _items(task, setting, protocol, backend, test_sets[task.name], exp.seed,
-                               decoding.max_new_tokens)
-                run_id = sha({
-                    "format": PROMPT_FORMAT_VERSION, "model": spec.label, "fingerprint": backend.info.fingerprint,
-                    "task": task.name, "task_type": task.type, "metrics": task.metrics, "setting": setting.name,
-                    "protocol": protocol, "decoding": decoding.key(), "seed": exp.seed,
-                    "bootstrap": exp.bootstrap_samples,
-                    "items": sha([(it.example.id, it.prompt, it.continuations, it.example.target) for it in items]),
-                })[:16]
-                plans.append(RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed))
+    plans = [_plan_run(exp, spec, backend, task, setting, test_sets[task.name])
+             for spec, backend in zip(models, backends) for task in tasks for setting in settings]
+    if exp.adaptations:  # everything else is valid: fine-tune (or reuse identical adapters), then plan their runs
+        from labscale.adapt.experiment import FINETUNED, adapted_models
+
+        plans += [_plan_run(exp, spec, backend, task, FINETUNED, test_sets[task.name])
+                  for spec, backend, task in adapted_models(exp, tasks)]
     return plans
+
+
+def _plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task, setting: Setting,
+              test_set: list[Example]) -> RunPlan:
+    protocol = protocol_for(task, setting, backend.supports_loglikelihood)
+    decoding = _decoding(exp, setting)
+    items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens)
+    run_id = sha({
+        "format": PROMPT_FORMAT_VERSION, "model": spec.label, "fingerprint": backend.info.fingerprint,
+        "task": task.name, "task_type": task.type, "metrics": task.metrics, "setting": setting.name,
+        "protocol": protocol, "decoding": decoding.key(), "seed": exp.seed,
+        "bootstrap": exp.bootstrap_samples,
+        "items": sha([(it.example.id, it.prompt, it.continuations, it.example.target) for it in items]),
+    })[:16]
+    return RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed)

@@ -1,7 +1,7 @@
 """From an experiment's model entry to a backend: `resolve_model(spec)`.
 
 Model ids are `<prefix>:<rest>`. Each prefix maps to a factory in `FACTORIES`; add a backend by adding an entry
-(`embedded:`, `hf:`, `openai:` for OpenAI-compatible APIs).
+(`embedded:`, `hf:`, `openai:` for OpenAI-compatible APIs, `adapter:` for a LoRA adapter folder).
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ def _hf(spec: ModelSpec, path_or_id: str) -> ModelBackend:
     return HFBackend(spec, path_or_id, spec.label)
 
 
+def _adapter(spec: ModelSpec, folder: str) -> ModelBackend:
+    from labscale.models.adapter import AdapterBackend
+
+    if not folder.strip():
+        raise ConfigError(f"model '{spec.id}' names no folder", "write adapter:<folder written by labscale finetune>")
+    return AdapterBackend(spec, folder)
+
+
 def _openai(spec: ModelSpec, model: str) -> ModelBackend:
     from labscale.models.openai_api import OpenAIBackend
 
@@ -47,6 +55,7 @@ FACTORIES: dict[str, Factory] = {
     "embedded": _embedded,
     "hf": _hf,
     "openai": _openai,
+    "adapter": _adapter,
 }
 
 

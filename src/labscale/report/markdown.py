@@ -210,6 +210,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
             for r in truncated) + ".", ""]
 
     lines += _cost_section(runs)
+    lines += _adaptation_section(runs)
 
     lines += ["## Provenance", "",
               f"- Config hash `{exp['config_hash']}`; Python {env['python']} on {env['platform']} ({env['cpus']} CPUs).",
@@ -246,6 +247,38 @@ def _cost_section(runs: list[_Run]) -> list[str]:
     lines += table(["model", "task", "setting", "price in / out ($/1M)", "prompt tokens", "completion tokens",
                     "retries", "failed", "cost"], rows)
     return lines + [f"Total API cost of the results above: ${total:.4f}.", ""]
+
+
+def _adaptation_section(runs: list[_Run]) -> list[str]:
+    """Fine-tuned models: how each adapter was trained and what it cost (from its labscale.json card)."""
+    seen, rows, usd, kg = set(), [], 0.0, 0.0
+    for r in runs:
+        extra = r.model_info.get("extra", {})
+        a = extra.get("adaptation")
+        if r.model_info.get("backend") != "adapter" or not a or extra.get("adapter") in seen:
+            continue
+        seen.add(extra.get("adapter"))
+        usd += a.get("cost_usd") or 0.0
+        kg += a.get("co2eq_kg") or 0.0
+        loss = f"{fmt(a.get('dev_loss_before'))} → {fmt(a.get('best_dev_loss'))}"
+        minutes = f"{a['wall_s'] / 60:.1f}" if a.get("wall_s") is not None else "n/a"
+        co2 = f"{a['co2eq_kg'] * 1000:.2f}" if a.get("co2eq_kg") is not None else "n/a"
+        energy = f"{a['energy_kwh']:.5f}" if a.get("energy_kwh") is not None else "n/a"
+        cost = f"${a['cost_usd']:.4f}" if a.get("cost_usd") is not None else "n/a"
+        rows.append([r.model, a.get("task") or r.task, f"`{r.model_info['fingerprint']}`", a.get("recipe") or "n/a",
+                     a.get("quantization") or "none", f"{a.get('steps')} ({a.get('stopped')})", loss, minutes,
+                     fmt_rate(a.get("tokens_per_s")), energy, co2,
+                     f"{cost} ({a.get('hardware')}, ${a.get('usd_per_hour') or 0:g}/h)"])
+    if not rows:
+        return []
+    lines = ["## Adaptations", "",
+             "LoRA / QLoRA adapters evaluated under the `finetuned` setting (zero-shot prompts, exactly as trained). "
+             "Dev loss is on the task's dev split, before training → the kept (best) checkpoint. Time, energy and "
+             "CO2eq (CodeCarbon, offline) cover the whole training process; cost = measured hours × the hardware "
+             "price per hour. Details in each adapter's `labscale.json`.", ""]
+    lines += table(["model", "task", "fingerprint", "recipe", "quantization", "steps", "dev loss", "train (min)",
+                    "tokens/s", "energy (kWh)", "CO2eq (g)", "cost"], rows)
+    return lines + [f"Total fine-tuning cost: ${usd:.4f}, {kg * 1000:.2f} g CO2eq.", ""]
 
 
 def write_report(db: Path, out: Path | None = None, experiment: str | None = None) -> Path:

@@ -1,0 +1,122 @@
+"""Trainer callbacks: progress lines, and the budget guard that stops training before a cap would be crossed."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from transformers import TrainerCallback
+
+from labscale.adapt.budget import Budget
+from labscale.adapt.carbon import CarbonMeter
+from labscale.adapt.ledger import Ledger
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True when `flag` holds on any process (one all-reduce under DDP), so every rank takes the same decision."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Clock(TrainerCallback):
+    """Training time without validation, and tokens/s over it (for progress lines and the card)."""
+
+    def __init__(self):
+        self.begin = None
+        self.eval_s = 0.0
+        self.tokens_at_begin = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin = time.time()
+        self.tokens_at_begin = state.num_input_tokens_seen
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.begin is not None:  # validation inside training (not the dev loss measured before it)
+            self.eval_s += float((metrics or {}).get("eval_runtime", 0.0))
+
+    def train_seconds(self) -> float:
+        return 0.0 if self.begin is None else max(time.time() - self.begin - self.eval_s, 1e-9)
+
+    def tokens_per_s(self, state) -> float | None:
+        tokens = state.num_input_tokens_seen - self.tokens_at_begin
+        return tokens / self.train_seconds() if self.begin is not None and tokens > 0 else None
+
+
+class Progress(TrainerCallback):
+    """One line per logged step (about 20 per run) and one per validation, on the main process."""
+
+    def __init__(self, say: Callable[[str], None], clock: Clock, budget: Budget, ledger: Ledger):
+        self.say, self.clock, self.budget, self.ledger = say, clock, budget, ledger
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        every = max(1, state.max_steps // 20)
+        if "loss" in logs and (state.global_step % every == 0 or state.global_step in (1, state.max_steps)):
+            tps = self.clock.tokens_per_s(state)
+            self.say(f"step {state.global_step}/{state.max_steps} · loss {logs['loss']:.4f} · "
+                     f"lr {logs.get('learning_rate', 0):.2e} · "
+                     + (f"{tps:,.0f} tokens/s · " if tps else "")
+                     + f"{self.ledger.total_seconds() / 60:.1f} min · ${self.budget.usd(self.ledger.total_seconds()):.4f}")
+        if "eval_loss" in logs and state.global_step > 0:  # step 0: the dev loss before training
+            best = state.best_metric is None or logs["eval_loss"] <= state.best_metric
+            self.say(f"dev loss {logs['eval_loss']:.4f} at step {state.global_step}" + (" (best)" if best else ""))
+
+
+class BudgetGuard(TrainerCallback):
+    """After each step: stop when spent + next step + a final validation would cross the $ or CO2 cap.
+
+    Also keeps the ledger current (time every step, emissions at every checkpoint)."""
+
+    def __init__(self, budget: Budget, ledger: Ledger, carbon: CarbonMeter, intensity: float | None):
+        self.budget, self.ledger, self.carbon, self.intensity = budget, ledger, carbon, intensity
+        self.stopped: str | None = None
+        self._t0 = None
+        self.step_s: list[float] = []
+        self.eval_s: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.time()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_runtime" in metrics:
+            self.eval_s.append(float(metrics["eval_runtime"]))
+
+    def _measure(self) -> None:
+        self.ledger.kg = self.carbon.emissions_kg()
+        if self.intensity:
+            self.ledger.kwh = self.ledger.kg * 1000 / self.intensity
+
+    def on_save(self, args, state, control, **kwargs):
+        self._measure()
+        self.ledger.save()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.step_s.append(time.time() - self._t0)
+        recent = self.step_s[-5:]
+        step = max(recent) if recent else 0.0
+        final_eval = max(self.eval_s[-3:]) if self.eval_s else step
+        ahead = 2 * step + final_eval  # the next step (with margin) and a last validation + checkpoint
+        spent = self.ledger.total_seconds()
+        reason = None
+        if self.budget.usd(spent + ahead) > self.budget.cap_usd:
+            reason = "budget"
+        elif self.budget.cap_kg is not None and state.is_world_process_zero:
+            self._measure()
+            rate = self.ledger.kg / max(self.ledger.segment_seconds, 1e-9)
+            if self.ledger.total_kg() + rate * ahead > self.budget.cap_kg:
+                reason = "co2"
+        self.ledger.save()
+        if any_rank(reason is not None, args.device) and state.global_step < state.max_steps:
+            self.stopped = reason or "budget"
+            control.should_training_stop = True
+            if state.best_metric is None:  # no validated checkpoint yet: make one now
+                control.should_evaluate = True
+                control.should_save = True

@@ -1,0 +1,53 @@
+"""Adaptations declared in an experiment file: validate every one, then train (or reuse) each adapter, and hand the
+planner the adapter backends it evaluates under the `finetuned` setting.
+
+The fine-tuned run's model label is the base model's (or the adaptation's `name`), so the report's
+"Results by task — finetuned" table sits beside the zero/few-shot tables with the same columns.
+"""
+
+from __future__ import annotations
+
+from labscale.adapt.data import FINETUNED
+from labscale.adapt.finetune import FinetuneOptions, Job, prepare_job, run_job
+from labscale.config import AdaptationSpec, Experiment, ModelSpec
+from labscale.models.base import ModelBackend
+from labscale.tasks.base import Task
+
+__all__ = ["FINETUNED", "adapted_models", "prepare_adaptations"]
+
+
+def _base(exp: Experiment, a: AdaptationSpec) -> ModelSpec:
+    from labscale.engine.plan import _resolve_relative
+
+    spec = next((m for m in exp.models if a.model in (m.label, m.id)), None) or ModelSpec(id=a.model)
+    if a.quantization is not None:
+        spec = spec.model_copy(update={"quantization": a.quantization})
+    return _resolve_relative(spec, exp.base_dir)
+
+
+def prepare_adaptations(exp: Experiment, tasks: list[Task]) -> list[tuple[str, ModelSpec, Job]]:
+    """(label, base spec, job) for every adaptation; all validated before any training starts."""
+    by_name = {t.name: t for t in tasks}
+    jobs = []
+    for a in exp.adaptations:
+        spec = _base(exp, a)
+        out = None if a.out is None else (exp.base_dir / a.out).resolve()
+        options = FinetuneOptions(
+            model=spec, task=by_name[a.task], recipe=a.recipe, overrides=dict(a.overrides), max_steps=a.max_steps,
+            out=out, log=a.log, seed=exp.seed if a.seed is None else a.seed, budget_usd=a.budget_usd,
+            co2_cap_kg=a.co2_cap_kg, hardware=a.hardware, price_per_hour=a.price_per_hour, country=a.country,
+        )
+        jobs.append((a.name or spec.label, spec, prepare_job(options, world_size=1)))
+    return jobs
+
+
+def adapted_models(exp: Experiment, tasks: list[Task]) -> list[tuple[ModelSpec, ModelBackend, Task]]:
+    """Train what is missing, then one (run spec, adapter backend, task) per adaptation."""
+    from labscale.models.adapter import AdapterBackend
+
+    out = []
+    for label, spec, job in prepare_adaptations(exp, tasks):
+        result = run_job(job)
+        run_spec = spec.model_copy(update={"id": f"adapter:{result.out.resolve()}", "name": label})
+        out.append((run_spec, AdapterBackend(run_spec, str(result.out)), job.options.task))
+    return out

@@ -1,0 +1,65 @@
+"""The ledger: wall time and emissions of every training segment (a first run and each resumption), so cost and
+carbon cover all the work, including work lost to an interruption.
+
+Stored as JSON beside the checkpoints, rewritten atomically after every step (time) and every checkpoint
+(emissions); only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+class Ledger:
+    def __init__(self, path: Path, writable: bool = True):
+        self.path = path
+        self.writable = writable
+        try:
+            self.prior: list[dict] = json.loads(path.read_text())["segments"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.prior = []
+        self.started = time.time()
+        self.kg = 0.0  # this segment's emissions measured so far
+        self.kwh = 0.0
+
+    @property
+    def segment_seconds(self) -> float:
+        return time.time() - self.started
+
+    @property
+    def prior_seconds(self) -> float:
+        return sum(s.get("seconds", 0.0) for s in self.prior)
+
+    @property
+    def prior_kg(self) -> float:
+        return sum(s.get("kg", 0.0) or 0.0 for s in self.prior)
+
+    @property
+    def prior_kwh(self) -> float:
+        return sum(s.get("kwh", 0.0) or 0.0 for s in self.prior)
+
+    def total_seconds(self) -> float:
+        return self.prior_seconds + self.segment_seconds
+
+    def total_kg(self) -> float:
+        return self.prior_kg + self.kg
+
+    def total_kwh(self) -> float:
+        return self.prior_kwh + self.kwh
+
+    def segments(self) -> int:
+        return len(self.prior) + 1
+
+    def save(self) -> None:
+        if not self.writable:
+            return
+        current = {"started_at": self.started, "seconds": self.segment_seconds, "kg": self.kg, "kwh": self.kwh}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".json", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"segments": [*self.prior, current]}, f, indent=1)
+        os.replace(tmp, self.path)
