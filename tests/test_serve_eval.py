@@ -52,21 +52,22 @@ def stop_server(proc: subprocess.Popen) -> int:
             proc.kill()
 
 
-def _outputs(db, model: str) -> dict[tuple[str, str, str], str]:
+def _by_model(db, select: str, model: str) -> list[tuple]:
     conn = sqlite3.connect(db)
-    rows = conn.execute(
-        "SELECT r.task, r.setting, p.example_id, p.output FROM predictions p JOIN runs r ON r.id = p.run_id "
-        "WHERE r.model = ?", (model,)).fetchall()
+    rows = conn.execute(f"SELECT {select} WHERE r.model = ?", (model,)).fetchall()
     conn.close()
+    return rows
+
+
+def _outputs(db, model: str) -> dict[tuple[str, str, str], str]:
+    rows = _by_model(db, "r.task, r.setting, p.example_id, p.output FROM predictions p JOIN runs r ON r.id = p.run_id",
+                     model)
     return {(t, s, e): o for t, s, e, o in rows}
 
 
 def _scores(db, model: str) -> dict[tuple[str, str, str], tuple]:
-    conn = sqlite3.connect(db)
-    rows = conn.execute(
-        "SELECT r.task, r.setting, s.metric, s.value, s.ci_low, s.ci_high FROM scores s JOIN runs r ON r.id = s.run_id"
-        " WHERE r.model = ?", (model,)).fetchall()
-    conn.close()
+    rows = _by_model(db, "r.task, r.setting, s.metric, s.value, s.ci_low, s.ci_high FROM scores s "
+                         "JOIN runs r ON r.id = s.run_id", model)
     return {(t, st, m): (v, lo, hi) for t, st, m, v, lo, hi in rows}
 
 
