@@ -30,6 +30,7 @@ class FaultServer:
         self.hang_s = hang_s
         self.attempts: dict[str, list[float]] = {}  # last user message -> times of its attempts
         self.headers: list[dict] = []
+        self.bodies: list[dict] = []
         self.lock = threading.Lock()
         server = self
 
@@ -55,6 +56,7 @@ class FaultServer:
                 body = json.loads(self.rfile.read(length))
                 with server.lock:
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    server.bodies.append(body)
                 if server.key is not None and self.headers.get("Authorization") != f"Bearer {server.key}":
                     return self._error(401, "Incorrect API key provided")
                 messages = body["messages"]

@@ -247,6 +247,24 @@ def test_failed_database_rows_are_untouched_by_a_bad_file(tmp_path, capsys, monk
     assert dump(db) == before
 
 
+@pytest.mark.parametrize("model, field, expected", [
+    ("openai:fake-gpt", None, "max_tokens"),
+    ("openai:o3-mini", None, "max_completion_tokens"),
+    ("openai:gpt-5-mini", None, "max_completion_tokens"),
+    ("openai:fake-gpt", "max_completion_tokens", "max_completion_tokens"),
+])
+def test_the_output_budget_goes_in_the_field_the_model_accepts(tmp_path, capsys, monkeypatch, fast_backoff,
+                                                               model, field, expected):
+    with FaultServer(key=SECRET) as server:
+        entry = {**_model(server), "id": model, **({"token_limit_field": field} if field else {})}
+        exp = write_experiment(tmp_path / "tl.yaml", name="tl", models=[entry], tasks=[_task(tmp_path, ROWS[:1])],
+                               generation={"max_new_tokens": 7}, bootstrap_samples=200)
+        code, _, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "tl.db")
+        assert code == 0, err
+        (body,) = server.bodies
+    assert body[expected] == 7 and {"max_tokens", "max_completion_tokens"} - {expected} & body.keys() == set()
+
+
 # -- units ------------------------------------------------------------------------------------------------------
 
 def test_price_lookup_matches_snapshots_to_their_family():

@@ -23,7 +23,7 @@ class Price(_Strict):
     output: float = Field(ge=0)
 
 
-_API_ONLY = ("base_url", "price", "context_length")
+_API_ONLY = ("base_url", "price", "context_length", "token_limit_field")
 
 
 class ModelSpec(_Strict):
@@ -48,6 +48,10 @@ class ModelSpec(_Strict):
     max_retries: int = Field(5, ge=0, le=20, description="retries on 429, 5xx, timeouts and malformed replies")
     price: Optional[Price] = Field(None, description="overrides the built-in price table")
     context_length: Optional[int] = Field(None, ge=1, description="API model context (default: the price table's)")
+    token_limit_field: Optional[Literal["max_tokens", "max_completion_tokens"]] = Field(
+        None, description="request field for the output budget (default: max_completion_tokens for OpenAI's "
+        "reasoning models o1/o3/o4/gpt-5, else max_tokens, which every compatible server accepts)"
+    )
 
     @property
     def label(self) -> str:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,6 +32,8 @@ from labscale.models.base import GenerationRequest, GenerationResult, ModelBacke
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_BASE_S = 0.5  # first retry waits about this long; doubles per attempt, with jitter
 BACKOFF_MAX_S = 30.0  # longest wait between attempts, Retry-After included
+# OpenAI's reasoning models refuse `max_tokens` and want `max_completion_tokens`; other servers know only the former
+REASONING_MODEL = re.compile(r"^(o\d|gpt-5)", re.IGNORECASE)
 UNKNOWN_CONTEXT = 10**9  # no context check when the model's context is not known; the server's 400 is recorded
 
 
@@ -102,6 +105,8 @@ class OpenAIBackend(ModelBackend):
                                                        source="experiment file")
         else:
             self.price = lookup(model)
+        self.token_limit_field = spec.token_limit_field or (
+            "max_completion_tokens" if REASONING_MODEL.match(model.rsplit("/", 1)[-1]) else "max_tokens")
         self._client = None
         self._lock = threading.Lock()
         self.retries = 0  # retries made so far (all requests)
@@ -173,8 +178,8 @@ class OpenAIBackend(ModelBackend):
         import openai
 
         params = request.params
-        body = {"model": self.model, "messages": json.loads(request.prompt), "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "n": 1}
+        body = {"model": self.model, "messages": json.loads(request.prompt),
+                self.token_limit_field: params.max_new_tokens, "temperature": params.temperature, "n": 1}
         if params.temperature > 0:
             body.update(top_p=params.top_p, seed=params.seed)
         if params.stop:
