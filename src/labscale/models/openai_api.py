@@ -206,7 +206,7 @@ class OpenAIBackend(ModelBackend):
                 reason, wait = f"timed out after {self.spec.timeout_s:g} s", None
             except openai.APIConnectionError as e:
                 reason, wait = f"connection failed: {e.__cause__ or e}", None
-            except (openai.APIResponseValidationError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            except (openai.APIResponseValidationError, ValueError, LookupError, TypeError, AttributeError) as e:
                 reason, wait = f"malformed reply: {type(e).__name__}: {str(e)[:120]}", None
             if attempt >= self.spec.max_retries:
                 return _failed(request, f"{reason} (after {attempt + 1} attempts)", started, attempt)
