@@ -216,27 +216,23 @@ def finetune(
     experiment: Optional[Path] = typer.Option(None, help="look --task and --model up in this experiment file too"),
 ) -> None:
     """Fine-tune a local model on a task's train split (LoRA / QLoRA); see docs/finetune.md."""
+    from labscale.adapt.experiment import base_model_spec
     from labscale.adapt.finetune import FinetuneOptions, finetune as run_finetune
     from labscale.adapt.recipes import parse_set
-    from labscale.config import ModelSpec
     from labscale.errors import ConfigError
     from labscale.tasks.registry import get_task
 
     if quant not in (None, "none", "8bit", "4bit"):
         raise ConfigError(f"unknown --quant '{quant}'", "use none, 8bit or 4bit")
-    spec, entry, base_dir = ModelSpec(id=model, quantization=quant or "none"), task, Path(".")
+    exp, entry = None, task
     if experiment is not None:
         from labscale.config import load_experiment
 
         exp = load_experiment(experiment)
-        base_dir = exp.base_dir
         entry = next((t for t in exp.tasks if (t if isinstance(t, str) else t.name) == task), task)
-        found = next((m for m in exp.models if model in (m.label, m.id)), None)
-        if found is not None:
-            spec = found.model_copy(update={"quantization": quant}) if quant else found
-    if spec.id.partition(":")[0] == "hf" and spec.id[3:].startswith("."):
-        spec = spec.model_copy(update={"id": f"hf:{(base_dir / spec.id[3:]).resolve()}", "name": spec.label})
-    options = FinetuneOptions(model=spec, task=get_task(entry, base_dir), recipe=recipe, overrides=parse_set(set_ or []),
+    spec = base_model_spec(exp, model, quant)
+    task_obj = get_task(entry, exp.base_dir if exp else Path("."))
+    options = FinetuneOptions(model=spec, task=task_obj, recipe=recipe, overrides=parse_set(set_ or []),
                               max_steps=max_steps, out=out, log=log, seed=seed, budget_usd=budget, co2_cap_kg=co2_cap,
                               hardware=hardware, price_per_hour=price_per_hour, country=country)
     result = run_finetune(options)

@@ -7,22 +7,27 @@ The fine-tuned run's model label is the base model's (or the adaptation's `name`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from labscale.adapt.data import FINETUNED
 from labscale.adapt.finetune import FinetuneOptions, Job, prepare_job, run_job
-from labscale.config import AdaptationSpec, Experiment, ModelSpec
+from labscale.config import Experiment, ModelSpec
 from labscale.models.base import ModelBackend
 from labscale.tasks.base import Task
 
 __all__ = ["FINETUNED", "adapted_models", "prepare_adaptations"]
 
 
-def _base(exp: Experiment, a: AdaptationSpec) -> ModelSpec:
-    from labscale.engine.plan import _resolve_relative
+def base_model_spec(exp: Experiment | None, model: str, quantization: str | None) -> ModelSpec:
+    """The model to fine-tune: the experiment's entry named `model` (by name or id), else a bare `model` id;
+    `quantization` overrides the entry's; relative paths resolve against the experiment file (else the cwd)."""
+    from labscale.engine.plan import resolve_relative
 
-    spec = next((m for m in exp.models if a.model in (m.label, m.id)), None) or ModelSpec(id=a.model)
-    if a.quantization is not None:
-        spec = spec.model_copy(update={"quantization": a.quantization})
-    return _resolve_relative(spec, exp.base_dir)
+    found = next((m for m in exp.models if model in (m.label, m.id)), None) if exp is not None else None
+    spec = found or ModelSpec(id=model)
+    if quantization is not None:
+        spec = spec.model_copy(update={"quantization": quantization})
+    return resolve_relative(spec, exp.base_dir if exp is not None else Path("."))
 
 
 def prepare_adaptations(exp: Experiment, tasks: list[Task]) -> list[tuple[str, ModelSpec, Job]]:
@@ -30,7 +35,7 @@ def prepare_adaptations(exp: Experiment, tasks: list[Task]) -> list[tuple[str, M
     by_name = {t.name: t for t in tasks}
     jobs = []
     for a in exp.adaptations:
-        spec = _base(exp, a)
+        spec = base_model_spec(exp, a.model, a.quantization)
         out = None if a.out is None else (exp.base_dir / a.out).resolve()
         options = FinetuneOptions(
             model=spec, task=by_name[a.task], recipe=a.recipe, overrides=dict(a.overrides), max_steps=a.max_steps,

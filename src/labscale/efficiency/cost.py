@@ -47,10 +47,6 @@ _TABLE: dict[str, tuple[float, float, int]] = {
 }
 
 
-def table() -> dict[str, ModelPrice]:
-    return {name: ModelPrice(i, o, c) for name, (i, o, c) in _TABLE.items()}
-
-
 def lookup(model: str) -> ModelPrice | None:
     """The table's price for a model name, matching dated snapshots to their family; None when unknown."""
     name = model.lower().rsplit("/", 1)[-1]  # "openai/gpt-4o" as some gateways name it

@@ -122,7 +122,7 @@ def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, e
     return items
 
 
-def _resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
+def resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
     """`hf:` and `adapter:` paths relative to the experiment file, like data paths; the display name stays as
     written."""
     from pathlib import Path
@@ -138,7 +138,7 @@ def _resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
 def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
     """Optional API models whose key is not set, with the reason: left out of the plan with a visible notice.
     A required model without its key is an error before any work starts."""
-    from labscale.models.openai_api import key_missing
+    from labscale.models.openai_api import key_missing, missing_key_error
 
     skipped = []
     for spec in exp.models:
@@ -146,8 +146,7 @@ def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
         if var is None:
             continue
         if not spec.optional:
-            raise ConfigError(f"model '{spec.label}' needs an API key in ${var}, which is not set",
-                              f"export {var}=…, or mark the model optional: true to skip it without a key")
+            raise missing_key_error(spec, var)
         skipped.append((spec, f"${var} is not set"))
     if len(skipped) == len(exp.models):
         raise ConfigError("every model was skipped (optional API models without keys)",
@@ -177,7 +176,7 @@ def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
         for setting in settings:
             check_shots(task, setting)
     test_sets = {task.name: task.split("test", limit) for task in tasks}
-    models = [_resolve_relative(spec, exp.base_dir) for spec in exp.models if spec.label not in skipped]
+    models = [resolve_relative(spec, exp.base_dir) for spec in exp.models if spec.label not in skipped]
     backends = [resolve_model(spec) for spec in models]
     _check_prices(exp, backends)
 

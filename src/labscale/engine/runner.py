@@ -82,7 +82,7 @@ class Runner:
                 outcomes, keys, records = self._generate(plan, advance)
             predictions, scores = self._score(plan, outcomes, keys)
         efficiency = self._efficiency(plan, outcomes, records, time.time() - started, mem.peak_bytes)
-        failed = sum(o.failed is not None for o in outcomes)
+        failed = efficiency.get("failed")
         if failed:
             self.console.print(f"[yellow]{plan.label}: {failed} of {len(outcomes)} requests failed after retries "
                                "(scored as wrong; re-run the experiment to retry them)[/]")
@@ -126,12 +126,11 @@ class Runner:
             for (key, _), r in zip(chunk, results):
                 if r.error is None:
                     self.cap.add(key, cost_usd(price, r.prompt_tokens, r.new_tokens))
+                    self.generations.new += 1
                 else:
                     failures[key] = r.error
-            n_failed = sum(r.error is not None for r in results)
-            self.generations.new += len(results) - n_failed
-            self.generations.failed += n_failed
-            self._retries += sum(r.retries for r in results)
+                    self.generations.failed += 1
+                self._retries += r.retries
             done = {key for key, _ in chunk}
             advance(sum(k in done for k in keys))
         rows = self.store.cached_generations(keys)
@@ -219,10 +218,10 @@ class Runner:
                 truncated=sum(1 for r in records if r["finish_reason"] == "length"),
                 failed=sum(o.failed is not None for o in outcomes), retries=self._retries,
             )
-            price = plan.backend.info.extra.get("price_per_million")
             if plan.backend.info.backend == "openai":
                 from labscale.efficiency.cost import cost_usd
 
+                price = plan.backend.info.extra.get("price_per_million")
                 eff.update(cost_usd=cost_usd(price, eff["prompt_tokens"], new_tokens), price_per_million=price,
                            usage_estimated=sum(r["usage_estimated"] for r in records))
         return eff

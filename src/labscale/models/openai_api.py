@@ -55,6 +55,11 @@ def key_missing(spec: ModelSpec) -> str | None:
     return var if var and not os.environ.get(var) else None
 
 
+def missing_key_error(spec: ModelSpec, var: str) -> ModelError:
+    return ModelError(f"model '{spec.label}' needs an API key in ${var}, which is not set",
+                      f"export {var}=…, or mark the model optional: true to skip it without a key")
+
+
 def _retry_after(headers) -> float | None:
     if headers is None:
         return None
@@ -143,13 +148,12 @@ class OpenAIBackend(ModelBackend):
             if self._client is None:
                 import openai
 
+                missing = key_missing(self.spec)
+                if missing:
+                    raise missing_key_error(self.spec, missing)
                 var = self.spec.api_key_env
-                key = os.environ.get(var) if var else None
-                if var and not key:
-                    raise ModelError(f"model '{self.spec.label}' needs an API key in ${var}, which is not set",
-                                     f"export {var}=…, or mark the model optional: true to skip it")
-                self._client = openai.OpenAI(api_key=key or "no-key", base_url=self.base_url, max_retries=0,
-                                             timeout=self.spec.timeout_s)
+                self._client = openai.OpenAI(api_key=(os.environ.get(var) if var else None) or "no-key",
+                                             base_url=self.base_url, max_retries=0, timeout=self.spec.timeout_s)
             return self._client
 
     def generate(self, requests: list[GenerationRequest], progress: Progress | None = None) -> list[GenerationResult]:

@@ -64,6 +64,8 @@ def resolve_model(spec: ModelSpec) -> ModelBackend:
     factory = FACTORIES.get(prefix) if sep else None
     if factory is None:
         raise ConfigError(
-            f"unknown model '{spec.id}'", "use embedded:<name> (see `labscale models`), hf:<hub id or local path> or openai:<API model>"
+            f"unknown model '{spec.id}'",
+            "use embedded:<name> (see `labscale models`), hf:<hub id or local path>, adapter:<folder> or "
+            "openai:<API model>",
         )
     return factory(spec, rest)
