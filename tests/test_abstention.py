@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from helpers import cli, write_experiment
 
-from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.example import UNPARSEABLE, Example, Outcome
 from labscale.metrics.registry import get_metric
 from labscale.tasks import abstention
-from labscale.tasks.base import Example
 from labscale.tasks.registry import get_task
 
 METRICS = ["accuracy", "answerable_accuracy", "abstain_rate_answerable", "abstain_rate_unanswerable", "coverage",

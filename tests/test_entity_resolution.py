@@ -13,12 +13,11 @@ from helpers import cli, write_experiment
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from labscale.answers import parse_label
-from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.example import UNPARSEABLE, Example, Outcome
 from labscale.metrics.matching import answer_format
 from labscale.metrics.registry import get_metric
 from labscale.metrics.stats import bootstrap_ci
 from labscale.tasks import entity_resolution as er
-from labscale.tasks.base import Example
 
 LABELS = ("yes", "no")
 

@@ -11,10 +11,10 @@ import pytest
 from helpers import cli, write_experiment
 from sklearn.metrics import accuracy_score, f1_score
 
-from labscale.metrics.base import Outcome, mean_of_first_column
+from labscale.metrics.base import mean_of_first_column
+from labscale.example import Example, Outcome
 from labscale.metrics.groups import group_breakdown
 from labscale.metrics.registry import get_metric
-from labscale.tasks.base import Example
 
 
 def test_breakdown_by_hand():

@@ -81,7 +81,7 @@ def test_text_metrics_equal_reference_libraries(quick_db):
 def test_classification_and_mc_metrics(quick_db):
     from sklearn.metrics import accuracy_score
 
-    from labscale.metrics.base import UNPARSEABLE
+    from labscale.example import UNPARSEABLE
     from labscale.tasks.registry import get_task
 
     conn = sqlite3.connect(quick_db[0])

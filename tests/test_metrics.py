@@ -7,10 +7,9 @@ from rouge_score.rouge_scorer import RougeScorer
 from sklearn.metrics import accuracy_score, f1_score
 
 from labscale.errors import ConfigError
-from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.example import UNPARSEABLE, Example, Outcome
 from labscale.metrics.registry import get_metric, metric_names
 from labscale.metrics.stats import bootstrap_ci
-from labscale.tasks.base import Example
 
 REFS = [
     "The cat sat on the mat near the door.",

@@ -9,7 +9,8 @@ from labscale.settings.setting import (
     protocol_for,
     select_shots,
 )
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 
 def make_task(kind="classify", n=20):

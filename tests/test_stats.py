@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from labscale.metrics.base import Metric, Outcome
+from labscale.metrics.base import Metric
+from labscale.example import Example, Outcome
 from labscale.metrics.registry import get_metric
 from labscale.metrics.stats import bootstrap_ci, mean_of_first_column, paired_bootstrap
-from labscale.tasks.base import Example
 
 
 def binary(n, p, seed=1):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from labscale.metrics.base import UNPARSEABLE
-from labscale.tasks.base import LETTERS, Example, Task
+from labscale.example import LETTERS, UNPARSEABLE, Example
+from labscale.tasks.base import Task
 
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 

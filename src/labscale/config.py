@@ -61,6 +61,16 @@ class ModelSpec(_Strict):
     def is_api(self) -> bool:
         return self.id.startswith("openai:")
 
+    def resolved(self, base_dir: str | Path) -> "ModelSpec":
+        """`hf:` and `adapter:` paths relative to the experiment file (`base_dir`), like data paths; the display
+        name stays as written. Other ids, and paths that do not exist there, are returned unchanged."""
+        prefix, _, rest = self.id.partition(":")
+        if prefix in ("hf", "adapter") and rest.startswith("."):
+            candidate = (Path(base_dir) / rest).resolve()
+            if candidate.exists():
+                return self.model_copy(update={"id": f"{prefix}:{candidate}", "name": self.label})
+        return self
+
     @model_validator(mode="after")
     def _api_fields(self):
         if not self.is_api:

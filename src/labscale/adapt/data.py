@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from labscale.errors import DataError
 from labscale.models.hf import HFBackend
 from labscale.settings.setting import Setting, chat_prompt, loglikelihood_prompt, protocol_for
-from labscale.tasks.base import LETTERS, Example, Task
+from labscale.tasks.base import Task
+from labscale.example import LETTERS, Example
 
 FINETUNED = Setting("finetuned", "zero-shot")  # the setting fine-tuned runs appear under; prompts as zero-shot
 IGNORE = -100  # label of a token that carries no loss

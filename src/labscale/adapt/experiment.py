@@ -21,13 +21,11 @@ __all__ = ["FINETUNED", "adapted_models", "prepare_adaptations"]
 def base_model_spec(exp: Experiment | None, model: str, quantization: str | None) -> ModelSpec:
     """The model to fine-tune: the experiment's entry named `model` (by name or id), else a bare `model` id;
     `quantization` overrides the entry's; relative paths resolve against the experiment file (else the cwd)."""
-    from labscale.engine.plan import resolve_relative
-
     found = next((m for m in exp.models if model in (m.label, m.id)), None) if exp is not None else None
     spec = found or ModelSpec(id=model)
     if quantization is not None:
         spec = spec.model_copy(update={"quantization": quantization})
-    return resolve_relative(spec, exp.base_dir if exp is not None else Path("."))
+    return spec.resolved(exp.base_dir if exp is not None else Path("."))
 
 
 def prepare_adaptations(exp: Experiment, tasks: list[Task]) -> list[tuple[str, ModelSpec, Job]]:

@@ -54,7 +54,9 @@ from labscale.adapt.recipes import Recipe, apply_overrides, describe, pick_recip
 from labscale.adapt.tracking import check_tracking
 from labscale.config import DPSpec, ModelSpec
 from labscale.errors import ConfigError, LabscaleError
+from labscale.hashing import sha
 from labscale.models.hf import HFBackend
+from labscale.settings.setting import PROMPT_FORMAT_VERSION
 from labscale.tasks.base import Task
 
 ADAPT_FORMAT = 1  # bump when what training does for the same inputs changes
@@ -221,7 +223,6 @@ def prepare_job(options: FinetuneOptions, world_size: int | None = None) -> Job:
         if options.log != "none":
             raise ConfigError(f"--log {options.log} is not available with --dp", "use --log none")
         dp = plan_dp(options.dp, recipe, len(train.examples), steps, world)
-    from labscale.engine.plan import PROMPT_FORMAT_VERSION, sha
 
     identity = sha({
         "format": ADAPT_FORMAT, "prompt_format": PROMPT_FORMAT_VERSION, "base": backend.info.fingerprint,
@@ -608,7 +609,6 @@ def _sft_training(job: Job, trainer, run_info: dict, ledger, clock, peak_rss: in
 
 def _card(job: Job, training: dict, ledger, est: Estimate, stopped: str, dp: dict | None = None,
           canaries: dict | None = None) -> dict:
-    from labscale.engine.plan import PROMPT_FORMAT_VERSION
 
     info = job.backend.info
     seconds = ledger.total_seconds()

@@ -11,15 +11,15 @@ error naming the example. labscale never truncates a prompt silently.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
 from labscale.config import Experiment, ModelSpec
 from labscale.errors import ConfigError, ModelError
+from labscale.hashing import sha
 from labscale.models.base import DecodingParams, ModelBackend
 from labscale.settings.setting import (
+    PROMPT_FORMAT_VERSION,
     Setting,
     chat_prompt,
     check_shots,
@@ -27,16 +27,11 @@ from labscale.settings.setting import (
     parse_setting,
     protocol_for,
 )
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
-# Bump when prompt construction or answer parsing changes, so stored runs are not mistaken for new ones.
-PROMPT_FORMAT_VERSION = 1
 _PACKAGES = ("labscale", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "rouge-score",
              "sacrebleu", "bert-score", "scikit-learn", "numpy")
-
-
-def sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def environment() -> dict:
@@ -122,19 +117,6 @@ def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, e
     return items
 
 
-def resolve_relative(spec: ModelSpec, base_dir) -> ModelSpec:
-    """`hf:` and `adapter:` paths relative to the experiment file, like data paths; the display name stays as
-    written."""
-    from pathlib import Path
-
-    prefix, _, rest = spec.id.partition(":")
-    if prefix in ("hf", "adapter") and rest.startswith("."):
-        candidate = (Path(base_dir) / rest).resolve()
-        if candidate.exists():
-            return spec.model_copy(update={"id": f"{prefix}:{candidate}", "name": spec.label})
-    return spec
-
-
 def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
     """Optional API models whose key is not set, with the reason: left out of the plan with a visible notice.
     A required model without its key is an error before any work starts."""
@@ -176,7 +158,7 @@ def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
         for setting in settings:
             check_shots(task, setting)
     test_sets = {task.name: task.split("test", limit) for task in tasks}
-    models = [resolve_relative(spec, exp.base_dir) for spec in exp.models if spec.label not in skipped]
+    models = [spec.resolved(exp.base_dir) for spec in exp.models if spec.label not in skipped]
     backends = [resolve_model(spec) for spec in models]
     _check_prices(exp, backends)
 

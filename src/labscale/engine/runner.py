@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from labscale.answers import parse_answer
-from labscale.engine.plan import RunPlan, sha
+from labscale.engine.plan import RunPlan
 from labscale.engine.store import Store
-from labscale.metrics.base import UNPARSEABLE, Outcome
+from labscale.example import UNPARSEABLE, Outcome
+from labscale.hashing import sha
 from labscale.models.base import GenerationRequest, LoglikelihoodRequest
 
 

@@ -12,26 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from labscale.tasks.base import Example
+from labscale.example import UNPARSEABLE, Outcome
 
-UNPARSEABLE = "<unparseable>"
-
-
-@dataclass
-class Outcome:
-    """What a model produced for one example.
-
-    `output` is the raw generation ("" for log-likelihood scoring); `prediction` the parsed answer: the summary
-    text, a label from the task's label set, a choice text, or UNPARSEABLE. `logprobs` holds one
-    summed log-probability per choice when the multiple-choice task was scored by log-likelihood.
-    """
-
-    example: Example
-    output: str
-    prediction: str
-    logprobs: list[float] | None = None
-    failed: str | None = None  # reason, when the model call failed (scored as wrong)
-
+__all__ = ["UNPARSEABLE", "Metric", "Outcome", "mean_of_first_column", "nanmean_of_first_column"]
 
 def mean_of_first_column(stats: np.ndarray) -> float:
     return float(np.mean(stats[:, 0]))

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from labscale.metrics.base import Metric, Outcome, nanmean_of_first_column
+from labscale.metrics.base import Metric, nanmean_of_first_column
+from labscale.example import Outcome
 
 # BBQ per-example columns
 AMBIG, DISAMBIG, ELIGIBLE, CORRECT, NON_UNKNOWN, BIASED = range(6)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from labscale.metrics.base import UNPARSEABLE, Metric, Outcome
+from labscale.metrics.base import Metric
+from labscale.example import UNPARSEABLE, Outcome
 from labscale.metrics.base import mean_of_first_column
 
 

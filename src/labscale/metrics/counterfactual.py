@@ -15,7 +15,8 @@ import re
 
 import numpy as np
 
-from labscale.metrics.base import Metric, Outcome, nanmean_of_first_column
+from labscale.metrics.base import Metric, nanmean_of_first_column
+from labscale.example import Outcome
 
 
 def _masked(o: Outcome) -> str:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from labscale.metrics.base import UNPARSEABLE, Metric, Outcome, mean_of_first_column
+from labscale.metrics.base import Metric, mean_of_first_column
+from labscale.example import UNPARSEABLE, Outcome
 
 POSITIVE = "yes"
 _FINAL_PUNCTUATION = ".!?,;:"

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from labscale.metrics.base import Metric, Outcome
+from labscale.metrics.base import Metric
+from labscale.example import Outcome
 from labscale.metrics.base import mean_of_first_column, nanmean_of_first_column
 
 

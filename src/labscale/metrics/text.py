@@ -13,7 +13,8 @@ from functools import cache, lru_cache
 
 import numpy as np
 
-from labscale.metrics.base import UNPARSEABLE, Metric, Outcome
+from labscale.metrics.base import Metric
+from labscale.example import UNPARSEABLE, Outcome
 from labscale.metrics.base import mean_of_first_column
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")

@@ -13,60 +13,8 @@ import numpy as np
 from labscale.atomic import write_atomic
 from labscale.engine.store import Store
 from labscale.errors import LabscaleError
-
-
-def fmt(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3f}"
-
-
-def fmt_ci(value, low, high) -> str:
-    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]" if value is not None else "n/a"
-
-
-def fmt_bytes(n: int | None) -> str:
-    return "n/a" if not n else f"{n / 2**20:,.0f} MiB"
-
-
-def fmt_rate(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    out = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
-    return out + [""]
-
-
-class _Run:
-    """A stored run with its scores, parsed once."""
-
-    def __init__(self, store: Store, row):
-        self.row = row
-        self.id, self.task, self.model, self.setting = row["id"], row["task"], row["model"], row["setting"]
-        self.protocol = row["protocol"]
-        self.complete = row["status"] == "complete"
-        self.task_info = json.loads(row["task_json"])
-        self.model_info = json.loads(row["model_json"])
-        self.efficiency = json.loads(row["efficiency_json"]) if row["efficiency_json"] else {}
-        self.scores = {s["metric"]: s for s in store.scores(self.id)}
-        self.group_scores = store.group_scores(self.id)
-        self._store = store
-
-    def stats(self, metric: str) -> tuple[list[str], np.ndarray]:
-        preds = self._store.predictions(self.id)
-        ids = [p["example_id"] for p in preds]
-        return ids, np.array([json.loads(p["stats_json"])[metric] for p in preds], dtype=float).reshape(len(ids), -1)
-
-
-def _shown_metric(run: _Run, main: str) -> str:
-    """The main metric, except where the run's protocol cannot compute it: a multiple-choice task answered by
-    letter (API models, cot) has no length-normalised log-likelihood, so its results cell shows accuracy."""
-    if run.protocol == "generate" and run.task_info.get("type") == "multiple_choice" and main == "acc_norm":
-        return "acc"
-    return main
+from labscale.report.format import fmt, fmt_bytes, fmt_ci, fmt_rate, table
+from labscale.report.runs import StoredRun, adapter_runs, shown_metric
 
 
 def build_report(store: Store, experiment: str | None = None, bootstrap_samples: int | None = None) -> str:
@@ -76,7 +24,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
         raise LabscaleError(f"database '{store.path}' holds no results for {what}", "run `labscale run FILE` first")
     config = json.loads(exp["config_json"])
     env = json.loads(exp["environment_json"])
-    runs = [_Run(store, r) for r in store.experiment_runs(exp["id"])]
+    runs = [StoredRun(store, r) for r in store.experiment_runs(exp["id"])]
     seed = config.get("seed", 0)
     n_boot = bootstrap_samples or config.get("bootstrap_samples", 1000)
     tasks = list(dict.fromkeys(r.task for r in runs))
@@ -130,7 +78,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
             cells = []
             for m in models:
                 r = by_key.get((task, m, setting))
-                shown = _shown_metric(r, metric) if r else metric
+                shown = shown_metric(r, metric) if r else metric
                 s = r.scores.get(shown) if r and r.complete else None
                 cell = fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else ("pending" if r else "—")
                 cells.append(cell + (f" ({shown}, {r.protocol})" if s and shown != metric else ""))
@@ -173,7 +121,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
                     if not (ra and rb and ra.complete and rb.complete):
                         continue
                     # both runs on a metric each can compute (accuracy when one answered by letter)
-                    shown = {_shown_metric(ra, main_metric[task]), _shown_metric(rb, main_metric[task])}
+                    shown = {shown_metric(ra, main_metric[task]), shown_metric(rb, main_metric[task])}
                     metric = shown.pop() if len(shown) == 1 else "acc"
                     aggregate = get_metric(metric).aggregate
                     ids_a, sa = ra.stats(metric)
@@ -238,7 +186,7 @@ def _note(value) -> str:
     return str(value)
 
 
-def _cost_section(runs: list[_Run]) -> list[str]:
+def _cost_section(runs: list[StoredRun]) -> list[str]:
     """API spending per run: tokens the API reported × the run's recorded price."""
     api = [r for r in runs if r.model_info.get("backend") == "openai"]
     if not api:
@@ -266,17 +214,7 @@ def _cost_section(runs: list[_Run]) -> list[str]:
     return lines + [f"Total API cost of the results above: ${total:.4f}.", ""]
 
 
-def adapter_runs(runs: list[_Run]):
-    """(first run, card summary) of each adapter with a labscale.json card among the runs."""
-    seen = set()
-    for r in runs:
-        extra = r.model_info.get("extra", {})
-        if r.model_info.get("backend") == "adapter" and extra.get("adaptation") and extra.get("adapter") not in seen:
-            seen.add(extra.get("adapter"))
-            yield r, extra["adaptation"]
-
-
-def _adaptation_section(runs: list[_Run]) -> list[str]:
+def _adaptation_section(runs: list[StoredRun]) -> list[str]:
     """Fine-tuned models: how each adapter was trained and what it cost (from its labscale.json card)."""
     rows, usd, kg = [], 0.0, 0.0
     for r, a in adapter_runs(runs):

@@ -8,7 +8,8 @@ canary exposure) next to the adapter's task score.
 
 from __future__ import annotations
 
-from labscale.report.markdown import _Run, _shown_metric, adapter_runs, fmt, fmt_ci, table
+from labscale.report.format import fmt, fmt_ci, table
+from labscale.report.runs import StoredRun, adapter_runs, shown_metric
 
 VALUES_FAMILIES = ("bias", "abstention")
 
@@ -27,7 +28,7 @@ def _cell(s) -> str:
     return fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else "n/a"
 
 
-def _family_tables(runs: list[_Run], fam: str) -> list[str]:
+def _family_tables(runs: list[StoredRun], fam: str) -> list[str]:
     lines = []
     for task in dict.fromkeys(r.task for r in runs):
         task_runs = [r for r in runs if r.task == task]
@@ -40,7 +41,7 @@ def _family_tables(runs: list[_Run], fam: str) -> list[str]:
     return lines
 
 
-def _fairness_tables(runs: list[_Run]) -> list[str]:
+def _fairness_tables(runs: list[StoredRun]) -> list[str]:
     lines = []
     for task in dict.fromkeys(r.task for r in runs):
         task_runs = [r for r in runs if r.task == task and r.complete]
@@ -56,7 +57,7 @@ def _fairness_tables(runs: list[_Run]) -> list[str]:
                      if g["field"] == field and g["kind"] == "group"}
             rows = []
             for r in task_runs:
-                shown = _shown_metric(r, info["main_metric"])
+                shown = shown_metric(r, info["main_metric"])
                 for metric in [shown, *[m for m in info["metrics"] if family(m) in VALUES_FAMILIES and m != shown]]:
                     cells = {(g["kind"], g["group_name"]): g for g in r.group_scores
                              if g["field"] == field and g["metric"] == metric}
@@ -74,13 +75,13 @@ def _fairness_tables(runs: list[_Run]) -> list[str]:
     return lines
 
 
-def _privacy_table(runs: list[_Run]) -> list[str]:
+def _privacy_table(runs: list[StoredRun]) -> list[str]:
     rows = []
     for r, a in adapter_runs(runs):
         dp, canaries = a.get("dp"), a.get("canaries")
         if not dp and not canaries:
             continue
-        score = r.scores.get(_shown_metric(r, r.task_info["main_metric"])) if r.complete else None
+        score = r.scores.get(shown_metric(r, r.task_info["main_metric"])) if r.complete else None
         dp_cell = (f"ε {fmt(dp.get('epsilon_spent'))} of {fmt(dp.get('epsilon_target'))}, δ {dp.get('delta'):.1e}, "
                    f"C {fmt(dp.get('max_grad_norm'))}, σ {fmt(dp.get('noise_multiplier'))}") if dp else "no"
         if canaries:
@@ -118,7 +119,7 @@ _INTROS = {
 }
 
 
-def values_section(runs: list[_Run]) -> list[str]:
+def values_section(runs: list[StoredRun]) -> list[str]:
     """Empty when no task, metric or adapter of the experiment measures values."""
     parts = []
     for title, body in (("Bias", _family_tables(runs, "bias")), ("Fairness by group", _fairness_tables(runs)),

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 from labscale.errors import ConfigError, DataError
 from labscale.models.base import Message
-from labscale.tasks.base import LETTERS, Example, Task
+from labscale.tasks.base import Task
+from labscale.example import LETTERS, Example
+
+# Bump when prompt construction changes, so stored runs are not mistaken for new ones (it is part of every run id
+# and every adapter identity: fine-tuned models are trained on exactly these prompts).
+PROMPT_FORMAT_VERSION = 1
 
 COT_SUFFIX = (
     "Think step by step and explain your reasoning briefly. "

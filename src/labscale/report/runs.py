@@ -1,0 +1,48 @@
+"""Runs as the report reads them back from the store: one `StoredRun` per run, with its scores parsed once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from labscale.engine.store import Store
+
+
+class StoredRun:
+    """A stored run with its scores, parsed once."""
+
+    def __init__(self, store: Store, row):
+        self.row = row
+        self.id, self.task, self.model, self.setting = row["id"], row["task"], row["model"], row["setting"]
+        self.protocol = row["protocol"]
+        self.complete = row["status"] == "complete"
+        self.task_info = json.loads(row["task_json"])
+        self.model_info = json.loads(row["model_json"])
+        self.efficiency = json.loads(row["efficiency_json"]) if row["efficiency_json"] else {}
+        self.scores = {s["metric"]: s for s in store.scores(self.id)}
+        self.group_scores = store.group_scores(self.id)
+        self._store = store
+
+    def stats(self, metric: str) -> tuple[list[str], np.ndarray]:
+        preds = self._store.predictions(self.id)
+        ids = [p["example_id"] for p in preds]
+        return ids, np.array([json.loads(p["stats_json"])[metric] for p in preds], dtype=float).reshape(len(ids), -1)
+
+
+def shown_metric(run: StoredRun, main: str) -> str:
+    """The main metric, except where the run's protocol cannot compute it: a multiple-choice task answered by
+    letter (API models, cot) has no length-normalised log-likelihood, so its results cell shows accuracy."""
+    if run.protocol == "generate" and run.task_info.get("type") == "multiple_choice" and main == "acc_norm":
+        return "acc"
+    return main
+
+
+def adapter_runs(runs: list[StoredRun]):
+    """(first run, card summary) of each adapter with a labscale.json card among the runs."""
+    seen = set()
+    for r in runs:
+        extra = r.model_info.get("extra", {})
+        if r.model_info.get("backend") == "adapter" and extra.get("adaptation") and extra.get("adapter") not in seen:
+            seen.add(extra.get("adapter"))
+            yield r, extra["adaptation"]
