@@ -30,22 +30,6 @@ def _table_console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def _default_db(name: str) -> Path:
-    return DEFAULT_DB_DIR / f"{name}.db"
-
-
-def _open_store(db: Path):
-    import sqlite3
-
-    from labscale.engine.store import Store
-    from labscale.errors import LabscaleError
-
-    try:
-        return Store(db)
-    except sqlite3.DatabaseError as e:
-        raise LabscaleError(f"'{db}' is not a usable labscale database ({e})", "pass another --db path") from None
-
-
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="experiment YAML file"),
@@ -53,45 +37,14 @@ def run(
     limit: Optional[int] = typer.Option(None, min=1, help="test examples per task (overrides the file's limit)"),
 ) -> None:
     """Run every model × task × setting of an experiment, store the results, and write the report."""
-    from rich.console import Console
+    from labscale.experiment import run_experiment
 
-    from labscale.config import load_experiment
-    from labscale.engine.plan import environment, plan_experiment, skipped_models
-    from labscale.engine.runner import Runner
-    from labscale.errors import LabscaleError
-    from labscale.report.markdown import write_report
-
-    console = Console(stderr=True)
-    exp = load_experiment(file)
-    notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped_models(exp)]
-    for notice in notices:
-        typer.echo(f"notice: {notice}", err=True)
-    with console.status("planning: loading tasks and tokenizers, checking prompts…"
-                        + (" then fine-tuning the adaptations" if exp.adaptations else "")):
-        plans = plan_experiment(exp, limit)
-    db = db or _default_db(exp.name)
-    store = _open_store(db)  # opened only after everything validated: bad input leaves the database untouched
-    stopped: LabscaleError | None = None
-    try:
-        config = exp.model_dump(mode="json")
-        if limit:
-            config["limit"] = limit
-        exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, environment(),
-                                        [p.record() for p in plans], notices)
-        runner = Runner(store, console, exp.bootstrap_samples, exp.cost_limit)
-        try:
-            runner.run_all(plans)
-            store.finish_experiment(exp_id)
-        except LabscaleError as e:  # e.g. the cost limit, a rejected API key: report what is done, then fail
-            stopped = e
-    finally:
-        store.close()
-    report = write_report(db)
-    g, ll = runner.generations, runner.loglikelihoods
-    typer.echo(f"database: {db}")
-    typer.echo(f"report: {report}")
-    if stopped is not None:
-        raise stopped
+    results = run_experiment(file, db=db, limit=limit, say=lambda m: typer.echo(m, err=True))
+    g, ll = results.generations, results.loglikelihoods
+    typer.echo(f"database: {results.db}")
+    typer.echo(f"report: {results.report}")
+    if results.stopped is not None:
+        raise results.stopped
     if g.failed:
         typer.echo(f"failed requests: {g.failed} (recorded and scored as wrong; run again to retry them)")
     typer.echo(f"log-likelihood requests: {ll.new} new, {ll.cached} cached")

@@ -23,7 +23,8 @@ class Price(_Strict):
     output: float = Field(ge=0)
 
 
-_API_ONLY = ("base_url", "price", "context_length", "token_limit_field")
+# Fields of a model entry that only remote (API) backends take; models/registry.py checks them per backend.
+API_FIELDS = ("base_url", "price", "context_length", "token_limit_field")
 
 
 class ModelSpec(_Strict):
@@ -57,10 +58,6 @@ class ModelSpec(_Strict):
     def label(self) -> str:
         return self.name or self.id
 
-    @property
-    def is_api(self) -> bool:
-        return self.id.startswith("openai:")
-
     def resolved(self, base_dir: str | Path) -> "ModelSpec":
         """`hf:` and `adapter:` paths relative to the experiment file (`base_dir`), like data paths; the display
         name stays as written. Other ids, and paths that do not exist there, are returned unchanged."""
@@ -69,14 +66,6 @@ class ModelSpec(_Strict):
             candidate = (Path(base_dir) / rest).resolve()
             if candidate.exists():
                 return self.model_copy(update={"id": f"{prefix}:{candidate}", "name": self.label})
-        return self
-
-    @model_validator(mode="after")
-    def _api_fields(self):
-        if not self.is_api:
-            given = [f for f in _API_ONLY if getattr(self, f) is not None] + (["optional"] if self.optional else [])
-            if given:
-                raise ValueError(f"{', '.join(given)} only apply to openai:<model> entries")
         return self
 
 

@@ -1,5 +1,6 @@
-"""Adaptations declared in an experiment file: validate every one, then train (or reuse) each adapter, and hand the
-planner the adapter backends it evaluates under the `finetuned` setting.
+"""Fine-tuning as an adaptation of an experiment (see adapt/adaptation.py): `finetune_adaptations(exp, tasks)`
+validates every fine-tuning an experiment declares, without loading weights; each `run` trains (or reuses an
+identical adapter) and hands back the adapter backend the planner evaluates under the `finetuned` setting.
 
 The fine-tuned run's model label is the base model's (or the adaptation's `name`), so the report's
 "Results by task — finetuned" table sits beside the zero/few-shot tables with the same columns.
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from labscale.adapt.adaptation import Adapted, Say
 from labscale.adapt.data import FINETUNED
 from labscale.adapt.finetune import FinetuneOptions, Job, prepare_job, run_job
 from labscale.config import Experiment, ModelSpec
-from labscale.models.base import ModelBackend
 from labscale.tasks.base import Task
 
-__all__ = ["FINETUNED", "adapted_models", "prepare_adaptations"]
+__all__ = ["FINETUNED", "FinetuneAdaptation", "base_model_spec", "finetune_adaptations"]
 
 
 def base_model_spec(exp: Experiment | None, model: str, quantization: str | None) -> ModelSpec:
@@ -28,30 +29,53 @@ def base_model_spec(exp: Experiment | None, model: str, quantization: str | None
     return spec.resolved(exp.base_dir if exp is not None else Path("."))
 
 
-def prepare_adaptations(exp: Experiment, tasks: list[Task]) -> list[tuple[str, ModelSpec, Job]]:
-    """(label, base spec, job) for every adaptation; all validated before any training starts."""
+class FinetuneAdaptation:
+    """LoRA / QLoRA (optionally DP) fine-tuning of a local model on a task's train split."""
+
+    kind = "finetune"
+
+    def __init__(self, label: str, spec: ModelSpec, job: Job):
+        self.label, self.spec, self.job = label, spec, job
+        self.task = job.options.task
+
+    @property
+    def identity(self) -> str:
+        return self.job.identity
+
+    @property
+    def reused(self) -> bool:
+        return self.job.state == "done"
+
+    def estimate(self) -> str:
+        j = self.job
+        if self.reused:
+            return f"finetune {self.label} on {self.task.name}: identical adapter exists ({j.out}), reusing it"
+        what = "resume" if j.state == "resume" else "train"
+        return (f"finetune {self.label} on {self.task.name}: {what} {j.steps} steps on {len(j.train.examples)} "
+                f"examples with recipe {j.recipe.name}, budget ${j.options.budget_usd:g} (a timed probe checks "
+                "the estimate before training)")
+
+    def run(self, say: Say) -> Adapted:
+        from labscale.models.adapter import AdapterBackend
+
+        result = run_job(self.job, say)
+        run_spec = self.spec.model_copy(update={"id": f"adapter:{result.out.resolve()}", "name": self.label})
+        return Adapted(run_spec, AdapterBackend(run_spec, str(result.out)), self.task, FINETUNED, result.card,
+                       result.reused)
+
+
+def finetune_adaptations(exp: Experiment, tasks: list[Task]) -> list[FinetuneAdaptation]:
+    """One validated FinetuneAdaptation per `adaptations:` entry (tokenizers and configs only; no weights)."""
     by_name = {t.name: t for t in tasks}
-    jobs = []
+    out = []
     for a in exp.adaptations:
         spec = base_model_spec(exp, a.model, a.quantization)
-        out = None if a.out is None else (exp.base_dir / a.out).resolve()
+        out_dir = None if a.out is None else (exp.base_dir / a.out).resolve()
         options = FinetuneOptions(
             model=spec, task=by_name[a.task], recipe=a.recipe, overrides=dict(a.overrides), max_steps=a.max_steps,
-            out=out, log=a.log, seed=exp.seed if a.seed is None else a.seed, budget_usd=a.budget_usd,
+            out=out_dir, log=a.log, seed=exp.seed if a.seed is None else a.seed, budget_usd=a.budget_usd,
             co2_cap_kg=a.co2_cap_kg, hardware=a.hardware, price_per_hour=a.price_per_hour, country=a.country,
             dp=a.dp, canaries=a.canaries, canary_repeats=a.canary_repeats, canary_candidates=a.canary_candidates,
         )
-        jobs.append((a.name or spec.label, spec, prepare_job(options, world_size=1)))
-    return jobs
-
-
-def adapted_models(exp: Experiment, tasks: list[Task]) -> list[tuple[ModelSpec, ModelBackend, Task]]:
-    """Train what is missing, then one (run spec, adapter backend, task) per adaptation."""
-    from labscale.models.adapter import AdapterBackend
-
-    out = []
-    for label, spec, job in prepare_adaptations(exp, tasks):
-        result = run_job(job)
-        run_spec = spec.model_copy(update={"id": f"adapter:{result.out.resolve()}", "name": label})
-        out.append((run_spec, AdapterBackend(run_spec, str(result.out)), job.options.task))
+        out.append(FinetuneAdaptation(a.name or spec.label, spec, prepare_job(options, world_size=1)))
     return out

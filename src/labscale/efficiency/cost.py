@@ -54,7 +54,9 @@ def lookup(model: str) -> ModelPrice | None:
     return ModelPrice(*_TABLE[best]) if best else None
 
 
-def cost_usd(price: ModelPrice | dict | None, prompt_tokens: int, completion_tokens: int) -> float | None:
+def cost_usd(price, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """Tokens × price ($ per million input / output tokens): `price` is anything with `input` and `output` (a
+    ModelPrice, a models.base.TokenPrice, or the dict a stored run recorded); None when there is no price."""
     if price is None:
         return None
     p_in, p_out = (price["input"], price["output"]) if isinstance(price, dict) else (price.input, price.output)

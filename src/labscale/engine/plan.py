@@ -1,8 +1,9 @@
-"""Expand an experiment into runs (model × task × setting) and validate everything before any work starts.
+"""Runs (model × task × setting) and their prompts: everything checked before any work starts.
 
-Planning resolves models (fingerprints, tokenizers — no weights), loads task data, builds and renders every prompt
-and checks it against the model's context. Anything wrong surfaces here as a LabscaleError, before the database
-is opened, so bad input never leaves a half-written database behind.
+`plan_run` builds and renders every test prompt of one run and checks it against the model's context; the
+experiment runner (engine/experiment.py) calls it for every model × task × setting while validating, and for
+adapted models after the adapt phase. Anything wrong surfaces as a LabscaleError, before the database is opened,
+so bad input never leaves a half-written database behind.
 
 Context rule: a prompt whose tokens plus the generation budget (max_new_tokens; cot_max_new_tokens for cot) exceed
 the model's context length — or, for log-likelihood scoring, whose context plus longest choice does — is an
@@ -118,13 +119,13 @@ def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, e
 
 
 def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
-    """Optional API models whose key is not set, with the reason: left out of the plan with a visible notice.
+    """Optional remote models whose key is not set, with the reason: left out of the plan with a visible notice.
     A required model without its key is an error before any work starts."""
-    from labscale.models.openai_api import key_missing, missing_key_error
+    from labscale.models.registry import missing_key, missing_key_error
 
     skipped = []
     for spec in exp.models:
-        var = key_missing(spec) if spec.is_api else None
+        var = missing_key(spec)
         if var is None:
             continue
         if not spec.optional:
@@ -136,45 +137,21 @@ def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
     return skipped
 
 
-def _check_prices(exp: Experiment, backends: list[ModelBackend]) -> None:
+def check_prices(exp: Experiment, backends: list[ModelBackend]) -> None:
+    """With a cost_limit, every remote model needs a price (the limit could not be enforced otherwise)."""
     if exp.cost_limit is None:
         return
     for b in backends:
-        if b.info.backend == "openai" and b.info.extra.get("price_per_million") is None:
+        if b.info.is_remote and b.info.price is None:
             raise ConfigError(f"cost_limit is set but no price is known for model '{b.info.name}'",
                               "add price: {input: <$ per 1M tokens>, output: <$ per 1M>} to its entry "
                               "(0 for a local server)")
 
 
-def plan_experiment(exp: Experiment, limit: int | None = None) -> list[RunPlan]:
-    from labscale.models.registry import resolve_model
-    from labscale.tasks.registry import get_task
-
-    limit = limit or exp.limit
-    skipped = {spec.label for spec, _ in skipped_models(exp)}
-    settings = [parse_setting(s) for s in exp.settings]
-    tasks = [get_task(t, exp.base_dir, exp.tasks) for t in exp.tasks]
-    for task in tasks:
-        for setting in settings:
-            check_shots(task, setting)
-    test_sets = {task.name: task.split("test", limit) for task in tasks}
-    models = [spec.resolved(exp.base_dir) for spec in exp.models if spec.label not in skipped]
-    backends = [resolve_model(spec) for spec in models]
-    _check_prices(exp, backends)
-
-    plans = [_plan_run(exp, spec, backend, task, setting, test_sets[task.name])
-             for spec, backend in zip(models, backends) for task in tasks for setting in settings]
-    if exp.adaptations:  # everything else is valid: fine-tune (or reuse identical adapters), then plan their runs
-        from labscale.adapt.experiment import FINETUNED, adapted_models
-
-        plans += [_plan_run(exp, spec, backend, task, FINETUNED, test_sets[task.name])
-                  for spec, backend, task in adapted_models(exp, tasks)]
-    return plans
-
-
-def _plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task, setting: Setting,
-              test_set: list[Example]) -> RunPlan:
-    protocol = protocol_for(task, setting, backend.supports_loglikelihood)
+def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task, setting: Setting,
+             test_set: list[Example]) -> RunPlan:
+    """One run: every test prompt built, rendered and checked against the model's context."""
+    protocol = protocol_for(task, setting, backend.info.supports_loglikelihood)
     decoding = _decoding(exp, setting)
     items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens)
     run_id = sha({

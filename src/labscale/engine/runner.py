@@ -95,7 +95,7 @@ class Runner:
         from labscale.efficiency.cost import cost_usd
 
         fp = plan.backend.info.fingerprint
-        price = plan.backend.info.extra.get("price_per_million")
+        price = plan.backend.info.price
         params = plan.decoding.key()
         keys = [generation_key(fp, it.prompt, params) for it in plan.items]
         have = self.store.cached_generations(keys)
@@ -228,11 +228,14 @@ class Runner:
                 truncated=sum(1 for r in records if r["finish_reason"] == "length"),
                 failed=sum(o.failed is not None for o in outcomes), retries=self._retries,
             )
-            if plan.backend.info.backend == "openai":
+            info = plan.backend.info
+            if info.price is not None or info.is_remote:
+                from dataclasses import asdict
+
                 from labscale.efficiency.cost import cost_usd
 
-                price = plan.backend.info.extra.get("price_per_million")
-                eff.update(cost_usd=cost_usd(price, eff["prompt_tokens"], new_tokens), price_per_million=price,
+                eff.update(cost_usd=cost_usd(info.price, eff["prompt_tokens"], new_tokens),
+                           price_per_million=asdict(info.price) if info.price else None,
                            usage_estimated=sum(r["usage_estimated"] for r in records))
         return eff
 

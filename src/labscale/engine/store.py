@@ -123,6 +123,16 @@ def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+def open_store(path: str | Path) -> "Store":
+    """The store for writing, or a one-line error when the file is not a usable labscale database."""
+    from labscale.errors import LabscaleError
+
+    try:
+        return Store(path)
+    except sqlite3.DatabaseError as e:
+        raise LabscaleError(f"'{path}' is not a usable labscale database ({e})", "pass another --db path") from None
+
+
 class Store:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)

@@ -104,6 +104,7 @@ class AdapterBackend(HFBackend):
             info = super().info
             info.backend = "adapter"
             summary = (self.card or {}).get("summary")
+            info.adaptation = summary
             info.extra.update(adapter=str(self.folder), base_model=self.base.info.name, base_fingerprint=base_fp,
                               **({"adaptation": summary} if summary else {}))
         return self._info

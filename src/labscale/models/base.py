@@ -67,29 +67,47 @@ class LoglikelihoodResult:
     compute_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class TokenPrice:
+    """US dollars per million tokens, and where the numbers come from (a dated table, the experiment file)."""
+
+    input: float
+    output: float
+    source: str = ""
+
+
 @dataclass
 class ModelInfo:
-    """What the report and the store record about a model."""
+    """What the planner, the runner, the store and the report know about a model. Logic keys on these typed
+    fields, never on the backend's name; `extra` is provenance only (shown and stored, never branched on)."""
 
     name: str  # as written in the experiment, e.g. "embedded:smollm2-135m-instruct"
     fingerprint: str  # hash of weight files, or API model id
-    backend: str
+    backend: str  # a label for reports ("hf", "openai", "adapter", …)
     context_length: int
     parameters: int | None = None
     dtype: str | None = None
     device: str | None = None
     quantization: str | None = None
+    supports_loglikelihood: bool = True  # False: multiple-choice tasks use the generative letter protocol
+    is_remote: bool = False  # requests leave the machine (an API): keys, retries, failures, API cost
+    price: TokenPrice | None = None  # per million tokens; None = no per-token price (local, or unknown for an API)
+    context_known: bool = True  # False: context_length is a placeholder and prompts are not checked against it
+    adaptation: dict | None = None  # how an adapted model was made (its card summary), for the report
     extra: dict = field(default_factory=dict)
 
 
 class ModelBackend(ABC):
     """Loads lazily: constructing a backend and calling `render`/`count_tokens` must not load weights."""
 
-    supports_loglikelihood: bool = True
-
     @property
     @abstractmethod
-    def info(self) -> ModelInfo: ...
+    def info(self) -> ModelInfo:
+        """Typed capabilities and provenance (see ModelInfo); cheap — must not load weights."""
+
+    @property
+    def supports_loglikelihood(self) -> bool:
+        return self.info.supports_loglikelihood
 
     @abstractmethod
     def render(self, prompt: Prompt) -> str:

@@ -6,7 +6,7 @@ still fails into a recorded failure (scored as wrong) instead of an aborted run.
 an example's fault: it stops the run with a one-line error.
 
 Chat APIs give no prompt log-likelihoods, so multiple-choice tasks use the generative letter protocol
-(`supports_loglikelihood = False`). Prompts render to canonical JSON of the chat messages: that text is what the
+(`ModelInfo.supports_loglikelihood` is False). Prompts render to canonical JSON of the chat messages: that text is what the
 cache keys on and the store records. Keys are read from the environment when the first request is sent and are
 never stored, logged or reported.
 """
@@ -27,7 +27,15 @@ from urllib.parse import urlsplit
 from labscale.config import ModelSpec
 from labscale.efficiency.cost import ModelPrice, estimate_tokens, lookup
 from labscale.errors import ModelError
-from labscale.models.base import GenerationRequest, GenerationResult, ModelBackend, ModelInfo, Progress, Prompt
+from labscale.models.base import (
+    GenerationRequest,
+    GenerationResult,
+    ModelBackend,
+    ModelInfo,
+    Progress,
+    Prompt,
+    TokenPrice,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_BASE_S = 0.5  # first retry waits about this long; doubles per attempt, with jitter
@@ -47,17 +55,6 @@ class Transient(Exception):
     def __init__(self, reason: str, wait_s: float | None = None):
         super().__init__(reason)
         self.wait_s = wait_s
-
-
-def key_missing(spec: ModelSpec) -> str | None:
-    """The name of the unset environment variable the model needs, or None when it needs none or it is set."""
-    var = spec.api_key_env
-    return var if var and not os.environ.get(var) else None
-
-
-def missing_key_error(spec: ModelSpec, var: str) -> ModelError:
-    return ModelError(f"model '{spec.label}' needs an API key in ${var}, which is not set",
-                      f"export {var}=…, or mark the model optional: true to skip it without a key")
 
 
 def _retry_after(headers) -> float | None:
@@ -88,8 +85,6 @@ def backoff_s(attempt: int, retry_after: float | None, rng: random.Random) -> fl
 
 
 class OpenAIBackend(ModelBackend):
-    supports_loglikelihood = False
-
     def __init__(self, spec: ModelSpec, model: str):
         if not model.strip():
             raise ModelError(f"model '{spec.id}' names no model", "write openai:<model name the API knows>")
@@ -120,13 +115,11 @@ class OpenAIBackend(ModelBackend):
     def info(self) -> ModelInfo:
         ctx = self.spec.context_length or (self.price.context_length if self.price else UNKNOWN_CONTEXT)
         fingerprint = "api-" + hashlib.sha256(f"{self.base_url}|{self.model}".encode()).hexdigest()[:16]
-        price = None if self.price is None else {"input": self.price.input, "output": self.price.output,
-                                                 "source": self.price.source}
+        price = None if self.price is None else TokenPrice(self.price.input, self.price.output, self.price.source)
         return ModelInfo(
             name=self.spec.label, fingerprint=fingerprint, backend="openai", context_length=ctx,
-            device=urlsplit(self.base_url).netloc,
-            extra={"api_model": self.model, "base_url": self.base_url, "price_per_million": price,
-                   "context_known": ctx != UNKNOWN_CONTEXT},
+            device=urlsplit(self.base_url).netloc, supports_loglikelihood=False, is_remote=True, price=price,
+            context_known=ctx != UNKNOWN_CONTEXT, extra={"api_model": self.model, "base_url": self.base_url},
         )
 
     def render(self, prompt: Prompt) -> str:
@@ -148,7 +141,9 @@ class OpenAIBackend(ModelBackend):
             if self._client is None:
                 import openai
 
-                missing = key_missing(self.spec)
+                from labscale.models.registry import missing_key, missing_key_error
+
+                missing = missing_key(self.spec)
                 if missing:
                     raise missing_key_error(self.spec, missing)
                 var = self.spec.api_key_env

@@ -61,12 +61,12 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
     lines += ["## Models", ""]
     model_rows = []
     for m in models:
-        info = next(r.model_info for r in runs if r.model == m)
+        run = next(r for r in runs if r.model == m)
+        info = run.model_info
         params = f"{info['parameters'] / 1e6:,.1f}M" if info.get("parameters") else "n/a"
         model_rows.append([m, info["backend"], f"`{info['fingerprint']}`", params, info.get("dtype") or "n/a",
                            info.get("device") or "n/a", info.get("quantization") or "none",
-                           str(info["context_length"]) if info.get("extra", {}).get("context_known", True)
-                           else "unknown"])
+                           str(info["context_length"]) if run.context_known else "unknown"])
     lines += table(["model", "backend", "fingerprint", "parameters", "dtype", "device", "quantization", "context"],
                    model_rows)
 
@@ -188,7 +188,7 @@ def _note(value) -> str:
 
 def _cost_section(runs: list[StoredRun]) -> list[str]:
     """API spending per run: tokens the API reported × the run's recorded price."""
-    api = [r for r in runs if r.model_info.get("backend") == "openai"]
+    api = [r for r in runs if r.is_remote or r.price is not None]
     if not api:
         return []
     lines = ["## API cost", "",
@@ -198,7 +198,7 @@ def _cost_section(runs: list[StoredRun]) -> list[str]:
     rows, total = [], 0.0
     for r in api:
         e = r.efficiency
-        price = r.model_info.get("extra", {}).get("price_per_million")
+        price = r.price
         price_s = f"{price['input']:g} / {price['output']:g} ({price['source']})" if price else "unknown"
         if not r.complete:
             rows.append([r.model, r.task, r.setting, price_s, *["pending"] * 5])

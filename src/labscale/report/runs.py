@@ -23,6 +23,12 @@ class StoredRun:
         self.scores = {s["metric"]: s for s in store.scores(self.id)}
         self.group_scores = store.group_scores(self.id)
         self._store = store
+        info, extra = self.model_info, self.model_info.get("extra", {})
+        # Typed model fields; databases written before they existed kept them in `extra` (read as such).
+        self.is_remote = info.get("is_remote", info.get("backend") == "openai")
+        self.price = info["price"] if "price" in info else extra.get("price_per_million")
+        self.context_known = info.get("context_known", extra.get("context_known", True))
+        self.adaptation = info.get("adaptation") or extra.get("adaptation")
 
     def stats(self, metric: str) -> tuple[list[str], np.ndarray]:
         preds = self._store.predictions(self.id)
@@ -42,7 +48,6 @@ def adapter_runs(runs: list[StoredRun]):
     """(first run, card summary) of each adapter with a labscale.json card among the runs."""
     seen = set()
     for r in runs:
-        extra = r.model_info.get("extra", {})
-        if r.model_info.get("backend") == "adapter" and extra.get("adaptation") and extra.get("adapter") not in seen:
-            seen.add(extra.get("adapter"))
-            yield r, extra["adaptation"]
+        if r.adaptation and r.model_info["fingerprint"] not in seen:
+            seen.add(r.model_info["fingerprint"])
+            yield r, r.adaptation

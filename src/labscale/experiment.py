@@ -1,0 +1,160 @@
+"""Run an experiment: one runner, five visible phases, the same for the CLI and for library users.
+
+    validate  the experiment file, every model (fingerprints and tokenizers, no weights), task, setting and
+              adaptation, and every test prompt of every run against its model's context — all before the
+              database is opened, so bad input leaves nothing behind;
+    adapt     each adaptation (fine-tuning today; distillation and prompt compilation plug in through the same
+              interface, adapt/adaptation.py) prints its estimate, then runs or reuses an identical result;
+    plan      the runs of the adapted models join the model × task × setting grid;
+    evaluate  every run through the generation cache (engine/runner.py), results stored as each run finishes;
+    report    the markdown report, from the database alone.
+
+`run_experiment(path_or_experiment, db=…, limit=…)` returns `Results` (labscale/results.py): scores with CIs per
+run, the database and report paths, and the request counts. `labscale run` is this function plus printing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from labscale.config import Experiment
+from labscale.errors import LabscaleError
+from labscale.results import Results
+
+DEFAULT_DB_DIR = Path("runs")
+
+Say = Callable[[str], None]
+
+
+def default_db(name: str) -> Path:
+    return DEFAULT_DB_DIR / f"{name}.db"
+
+
+@dataclass
+class Validated:
+    """Everything the validate phase resolved: what later phases work from."""
+
+    exp: Experiment
+    plans: list  # engine.plan.RunPlan of the base grid
+    adaptations: list  # adapt.adaptation.Adaptation
+    tasks: dict = field(default_factory=dict)  # name -> Task
+    test_sets: dict = field(default_factory=dict)  # task name -> its test examples (after the limit)
+    notices: list[str] = field(default_factory=list)
+    models: list = field(default_factory=list)  # the model entries evaluated (optional ones without keys left out)
+
+    def summary(self) -> str:
+        return (f"{len(self.plans)} runs ({len(self.models)} models × {len(self.tasks)} tasks × "
+                f"{len(self.exp.settings)} settings)"
+                + (f" + {len(self.adaptations)} adaptation(s)" if self.adaptations else ""))
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def validate(exp: Experiment, limit: int | None = None, status: Callable | None = None) -> Validated:
+    """Phase 1: resolve and check everything; raises LabscaleError before any work is done."""
+    from labscale.adapt.experiment import finetune_adaptations
+    from labscale.engine.plan import check_prices, plan_run, skipped_models
+    from labscale.models.registry import resolve_model
+    from labscale.settings.setting import check_shots, parse_setting
+    from labscale.tasks.registry import get_task
+
+    limit = limit or exp.limit
+    skipped = skipped_models(exp)
+    notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped]
+    skipped_labels = {spec.label for spec, _ in skipped}
+    settings = [parse_setting(s) for s in exp.settings]
+    tasks = [get_task(t, exp.base_dir, exp.tasks) for t in exp.tasks]
+    for task in tasks:
+        for setting in settings:
+            check_shots(task, setting)
+    test_sets = {task.name: task.split("test", limit) for task in tasks}
+    models = [spec.resolved(exp.base_dir) for spec in exp.models if spec.label not in skipped_labels]
+    backends = [resolve_model(spec) for spec in models]
+    check_prices(exp, backends)
+    plans = [plan_run(exp, spec, backend, task, setting, test_sets[task.name])
+             for spec, backend in zip(models, backends) for task in tasks for setting in settings]
+    adaptations = finetune_adaptations(exp, tasks) if exp.adaptations else []
+    return Validated(exp, plans, adaptations, {t.name: t for t in tasks}, test_sets, notices, models)
+
+
+def adapt(v: Validated, say: Say = _stderr) -> list:
+    """Phase 2: print every adaptation's estimate first (so a refusal comes before any spending), then run each."""
+    if not v.adaptations:
+        return []
+    say(f"adapt: {len(v.adaptations)} adaptation(s)")
+    for a in v.adaptations:
+        say(f"  {a.estimate()}")
+    adapted = []
+    for i, a in enumerate(v.adaptations, 1):
+        say(f"adapt [{i}/{len(v.adaptations)}]: {a.kind} {a.label} on {a.task.name} (identity {a.identity})")
+        adapted.append(a.run(say))
+    return adapted
+
+
+def plan(v: Validated, adapted: list) -> list:
+    """Phase 3: the base grid plus one run per adapted model, each checked like the others."""
+    from labscale.engine.plan import plan_run
+
+    return v.plans + [plan_run(v.exp, a.spec, a.backend, a.task, a.setting, v.test_sets[a.task.name])
+                      for a in adapted]
+
+
+def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = None, limit: int | None = None,
+                   say: Say = _stderr, console=None) -> Results:
+    """Run (or resume) an experiment and write its report; returns its results.
+
+    `experiment` is an experiment file or an `Experiment` (labscale.config); `db` defaults to
+    runs/<name>.db; `limit` overrides the file's test examples per task. Bad input raises LabscaleError before the
+    database is opened. When the run stops early (the cost limit, a rejected API key), finished work is kept,
+    the report is still written, and `Results.stopped` holds the error (the CLI then exits non-zero).
+    """
+    from rich.console import Console
+
+    from labscale.config import load_experiment
+    from labscale.engine.plan import environment
+    from labscale.engine.runner import Runner
+    from labscale.engine.store import open_store
+    from labscale.report.markdown import write_report
+    from labscale.results import load_results
+
+    exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+    console = console or Console(stderr=True)
+    with console.status("validate: loading tasks and tokenizers, checking every prompt…"):
+        v = validate(exp, limit)
+    for notice in v.notices:
+        say(f"notice: {notice}")
+    say(f"validate: {v.summary()}")
+    adapted = adapt(v, say)
+    plans = plan(v, adapted)
+    if adapted:
+        say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
+    db = Path(db) if db is not None else default_db(exp.name)
+    store = open_store(db)  # only now: bad input leaves the database untouched
+    stopped: LabscaleError | None = None
+    runner = None
+    try:
+        config = exp.model_dump(mode="json")
+        if limit:
+            config["limit"] = limit
+        exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, environment(),
+                                        [p.record() for p in plans], v.notices)
+        runner = Runner(store, console, exp.bootstrap_samples, exp.cost_limit)
+        try:
+            runner.run_all(plans)
+            store.finish_experiment(exp_id)
+        except LabscaleError as e:  # e.g. the cost limit, a rejected API key: report what is done, then fail
+            stopped = e
+    finally:
+        store.close()
+    report = write_report(db)
+    results = load_results(db, exp.name)
+    results.report = report
+    results.generations, results.loglikelihoods = runner.generations, runner.loglikelihoods
+    results.stopped = stopped
+    return results
