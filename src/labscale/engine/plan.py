@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
+from labscale.answers import ANSWER_PARSER_VERSION
 from labscale.config import Experiment, ModelSpec
 from labscale.errors import ConfigError, ModelError
 from labscale.hashing import sha
@@ -155,7 +156,8 @@ def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task
     decoding = _decoding(exp, setting)
     items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens)
     run_id = sha({
-        "format": PROMPT_FORMAT_VERSION, "model": spec.label, "fingerprint": backend.info.fingerprint,
+        "format": PROMPT_FORMAT_VERSION, "parser": ANSWER_PARSER_VERSION, "model": spec.label,
+        "fingerprint": backend.info.fingerprint,
         "task": task.name, "task_type": task.type, "metrics": task.metrics, "setting": setting.name,
         "protocol": protocol, "decoding": decoding.key(), "seed": exp.seed,
         "bootstrap": exp.bootstrap_samples,

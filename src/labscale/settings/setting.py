@@ -9,7 +9,8 @@ Formats (the same for every model; chat models see them through their own chat t
   published numbers: context = ``{input}`` (few-shot: K solved ``{input}{delimiter}{choice}`` blocks joined
   by a blank line first), continuation = ``{delimiter}{choice}``. No chat template, as in lm-eval's default.
 * multiple-choice, generative protocol (cot, or backends without log-likelihoods) — the question with lettered
-  options, answered with a letter.
+  options (A-Z: a task with more than 26 choices is a ConfigError here, before the database opens), answered with
+  a letter; labscale.answers reads the letter back.
 """
 
 from __future__ import annotations
@@ -75,12 +76,24 @@ def select_shots(task: Task, setting: Setting, example: Example, seed: int) -> l
     return rng.sample(task.splits["train"], setting.shots)
 
 
+def check_letters(task: Task, example: Example) -> None:
+    """The letter protocol names options A-Z: more choices than letters is an error while prompts are built."""
+    if len(example.choices) > len(LETTERS):
+        raise ConfigError(
+            f"example '{example.id}' of task '{task.name}' has {len(example.choices)} choices, more than the "
+            f"{len(LETTERS)} letters (A-Z) the letter protocol can name",
+            "score it by log-likelihood (a local model and a setting other than cot) or give it at most 26 choices",
+        )
+
+
 def lettered(example: Example) -> str:
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(example.choices))
     return f"{example.input}\n{options}"
 
 
 def _user_text(task: Task, example: Example, mc_letters: bool) -> str:
+    if mc_letters:
+        check_letters(task, example)
     body = lettered(example) if mc_letters else example.input
     parts = [task.instruction, body] if task.instruction else [body]
     if mc_letters:
