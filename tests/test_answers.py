@@ -244,14 +244,14 @@ def test_parser_version_is_part_of_the_run_id(monkeypatch):
 
     gen = SimpleNamespace(max_new_tokens=8, cot_max_new_tokens=64, temperature=0.0, top_p=1.0, stop=[])
     exp = SimpleNamespace(generation=gen, seed=0, bootstrap_samples=100)
-    info = SimpleNamespace(fingerprint="f", context_length=4096, name="stub")
+    info = SimpleNamespace(fingerprint="f", context_length=4096, name="stub", supports_loglikelihood=False)
     backend = SimpleNamespace(info=info, supports_loglikelihood=False, count_tokens=len,
                               render=lambda messages: messages[-1]["content"])
     task = _task("multiple_choice")
     setting = plan.parse_setting("zero-shot")
 
     def run_id():
-        return plan._plan_run(exp, SimpleNamespace(label="stub"), backend, task, setting, [BIRD]).id
+        return plan.plan_run(exp, SimpleNamespace(label="stub"), backend, task, setting, [BIRD]).id
 
     assert ANSWER_PARSER_VERSION >= 2
     before = run_id()
