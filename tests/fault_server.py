@@ -3,7 +3,9 @@
 Faults are scripted in the prompt itself, so they follow an example whatever the request order:
 `[[fault:429]]` (first attempt: 429 with Retry-After: 1), `[[fault:500x2]]` (first two attempts: 500),
 `[[fault:hang]]` (first attempt: no reply for `hang_s`), `[[fault:malformed]]` (first attempt: 200 with a body
-that is not JSON), `[[fault:400]]` (always 400), `[[fault:nousage]]` (a reply without `usage`).
+that is not JSON), `[[fault:400]]` (always 400), `[[fault:nousage]]` (a reply without `usage`),
+`[[fault:echo400]]` / `[[fault:echo500]]` (400 / 500 whose message echoes the request's Authorization header, as
+some servers do). With `echo_key=True`, a 401 for a wrong key echoes the key it was sent too.
 The reply is what follows `[[answer:` … `]]` in the prompt, else "A". Usage counts whitespace-separated words of
 the messages' contents (prompt) and of the reply (completion), so tests can compute costs by hand.
 """
@@ -25,8 +27,9 @@ def prompt_words(messages: list[dict]) -> int:
 
 
 class FaultServer:
-    def __init__(self, key: str | None = None, hang_s: float = 3.0):
+    def __init__(self, key: str | None = None, hang_s: float = 3.0, echo_key: bool = False):
         self.key = key
+        self.echo_key = echo_key
         self.hang_s = hang_s
         self.attempts: dict[str, list[float]] = {}  # last user message -> times of its attempts
         self.headers: list[dict] = []
@@ -57,8 +60,11 @@ class FaultServer:
                 with server.lock:
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
                     server.bodies.append(body)
-                if server.key is not None and self.headers.get("Authorization") != f"Bearer {server.key}":
-                    return self._error(401, "Incorrect API key provided")
+                auth = self.headers.get("Authorization", "")
+                if server.key is not None and auth != f"Bearer {server.key}":
+                    sent = auth.removeprefix("Bearer ")
+                    return self._error(401, "Incorrect API key provided" + (f": {sent}. Header was '{auth}'"
+                                                                            if server.echo_key else ""))
                 messages = body["messages"]
                 prompt = messages[-1]["content"]
                 with server.lock:
@@ -69,6 +75,9 @@ class FaultServer:
                 kind, times_n = (fault.group(1), int(fault.group(2) or 1)) if fault else (None, 0)
                 if kind == "400":
                     return self._error(400, "This model's maximum context length is exceeded")
+                if kind in ("echo400", "echo500"):
+                    return self._error(int(kind[4:]), f"bad request from client with Authorization: {auth} "
+                                       f"(key {auth.removeprefix('Bearer ')})")
                 if kind is not None and kind != "nousage" and attempt <= times_n:
                     if kind == "429":
                         return self._error(429, "Rate limit reached", {"Retry-After": "1"})

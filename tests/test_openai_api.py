@@ -51,8 +51,9 @@ def fast_backoff(monkeypatch):
 
 
 def _experiment(tmp_path, server, name="api", **extra):
-    fields = {"name": name, "models": [_model(server)], "tasks": [_task(tmp_path)], "bootstrap_samples": 200}
-    fields.update(extra)
+    fields = {"name": name, "models": [_model(server)], "bootstrap_samples": 200, **extra}
+    if "tasks" not in fields:  # (not built first: it would overwrite a given task's data file)
+        fields["tasks"] = [_task(tmp_path)]
     return write_experiment(tmp_path / f"{name}.yaml", **fields)
 
 
@@ -129,6 +130,43 @@ def test_api_key_never_reaches_database_report_or_output(tmp_path, capsys, monke
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in out + err
+
+
+def _scan_for(secret: str, folder, *texts: str) -> list[str]:
+    """Every file under `folder` and every text that contains `secret`."""
+    hits = [str(p) for p in folder.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    return hits + [t[:80] for t in texts if secret in t]
+
+
+def test_keys_echoed_in_error_bodies_are_redacted_everywhere(tmp_path, capsys, monkeypatch, fast_backoff):
+    """A server that echoes the key in 400, 500 and 401 bodies: the key reaches no file, stdout or stderr."""
+    rows = [("ok1", "Is water wet? [[answer:yes]]", "yes"), ("e400", "Echo [[fault:echo400]]", "no"),
+            ("e500", "Echo [[fault:echo500x99]]", "yes")]
+    with FaultServer(key=SECRET) as server:
+        exp = _experiment(tmp_path, server, tasks=[_task(tmp_path, rows)])
+        code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "api.db")
+    assert code == 0, err
+    preds = _predictions(tmp_path / "api.db")
+    assert "HTTP 400" in preds["e400"]["error"] and "[REDACTED]" in preds["e400"]["error"]
+    assert "HTTP 500" in preds["e500"]["error"] and "[REDACTED]" in preds["e500"]["error"]
+    assert _scan_for(SECRET, tmp_path, out, err) == []
+    with FaultServer(key="another-key-123", echo_key=True) as server:
+        exp = _experiment(tmp_path, server, name="api401", tasks=[_task(tmp_path, rows[:1])])
+        code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "api401.db")
+    assert code == 2 and "401" in err and "[REDACTED]" in err, err
+    assert _scan_for(SECRET, tmp_path, out, err) == []
+
+
+def test_redact_masks_registered_values_and_credential_shapes():
+    from labscale.secrets import redact, register
+
+    register("my-own-key-value-42")
+    text = ("key my-own-key-value-42; Authorization: Bearer abc.DEF-123_xyz; sk-proj-AAAA1111BBBB2222; "
+            'api_key="zzzzzzzzzz"; the word token stays')
+    out = redact(text)
+    for leaked in ("my-own-key-value-42", "abc.DEF-123_xyz", "sk-proj-AAAA1111BBBB2222", "zzzzzzzzzz"):
+        assert leaked not in out
+    assert "Authorization: Bearer [REDACTED]" in out and "the word token stays" in out
 
 
 def test_rejected_key_stops_with_one_line_and_keeps_the_report(tmp_path, capsys, monkeypatch, fast_backoff):
@@ -224,7 +262,44 @@ def test_multiple_choice_on_an_api_model_uses_the_letter_protocol(tmp_path, caps
     assert len(preds) == 5
     report = (tmp_path / "mc.md").read_text()
     assert "| openai:fake-gpt | zero-shot | generate |" in report
-    assert "openbookqa (acc_norm, n=5) | 0.200 [0.000, 0.600] (acc, generate) |" in report
+    # the row names the metric its cell shows (an API model has no log-likelihoods, so no acc_norm)
+    assert "openbookqa (acc, generate, n=5) | 0.200 [0.000, 0.600] |" in report
+
+
+def test_mixed_protocols_name_both_metrics(tmp_path, capsys, monkeypatch, fast_backoff, tiny_llm):
+    with FaultServer(key=SECRET) as server:
+        exp = write_experiment(tmp_path / "mix.yaml", name="mix", models=[_model(server), f"hf:{tiny_llm}"],
+                               tasks=["openbookqa"], limit=3, bootstrap_samples=200)
+        code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "mix.db")
+    assert code == 0, err
+    report = (tmp_path / "mix.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| openbookqa (acc_norm; acc where answered"))
+    assert "(acc, generate)" in row and "loglikelihood" in row
+
+
+def test_a_model_whose_every_request_failed_has_no_score_and_the_run_fails(tmp_path, capsys, monkeypatch,
+                                                                           fast_backoff):
+    rows = [(f"d{i}", f"Always failing {i} [[fault:500x99]]", "yes") for i in range(3)]
+    some = [("ok1", "Is water wet? [[answer:yes]]", "yes"), ("d9", "Always failing [[fault:500x99]]", "yes")]
+    with FaultServer(key=SECRET) as server:
+        dead = _task(tmp_path, rows)
+        (tmp_path / "dead.csv").write_text((tmp_path / "qa.csv").read_text())
+        half = _task(tmp_path, some)
+        exp = _experiment(tmp_path, server, tasks=[{**dead, "name": "dead", "data": str(tmp_path / "dead.csv")},
+                                                   {**half, "name": "half"}], **{"models": [_model(server,
+                                                                                                    max_retries=0)]})
+        db = tmp_path / "api.db"
+        code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", db)
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "1 run(s) got no successful answer" in lines[0] and "dead" in lines[0], err
+    report = (tmp_path / "api.md").read_text()
+    assert "| dead (accuracy, n=3) | failed 3/3 |" in report
+    assert "(1 failed) |" in next(line for line in report.splitlines() if line.startswith("| half (accuracy"))
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM scores s JOIN runs r ON r.id = s.run_id WHERE r.task='dead'"
+                        ).fetchone()[0] == 0
+    assert "0.000 [0.000, 0.000]" not in report
 
 
 def test_api_only_fields_are_rejected_on_local_models(tmp_path, capsys, monkeypatch):

@@ -49,6 +49,14 @@ def run(
         typer.echo(f"failed requests: {g.failed} (recorded and scored as wrong; run again to retry them)")
     typer.echo(f"log-likelihood requests: {ll.new} new, {ll.cached} cached")
     typer.echo(f"generations: {g.new + ll.new} new, {g.cached + ll.cached} cached")
+    if results.unanswered:
+        from labscale.errors import RunFailed
+
+        names = ", ".join(f"{r.model} · {r.task} · {r.setting}" for r in results.unanswered[:3])
+        more = f" and {len(results.unanswered) - 3} more" if len(results.unanswered) > 3 else ""
+        raise RunFailed(f"{len(results.unanswered)} run(s) got no successful answer, so they have no score: "
+                        f"{names}{more}", "the reasons are in the report and predictions.error; fix the "
+                        "endpoint or model and run again (only the failed requests are retried)")
 
 
 @app.command()

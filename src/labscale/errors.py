@@ -14,8 +14,10 @@ class LabscaleError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
+        from labscale.secrets import redact
+
         line = self.message.rstrip(".")
-        return f"{line} — {self.hint}" if self.hint else line
+        return redact(f"{line} — {self.hint}" if self.hint else line) or ""
 
 
 class ConfigError(LabscaleError):
@@ -28,3 +30,9 @@ class DataError(LabscaleError):
 
 class ModelError(LabscaleError):
     """A model cannot be resolved or loaded, or a prompt does not fit it."""
+
+
+class RunFailed(LabscaleError):
+    """The experiment ran, but some of its runs have no result (e.g. every request to a model failed)."""
+
+    exit_code = 1

@@ -64,7 +64,11 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     from labscale.settings.setting import check_shots, parse_setting
     from labscale.tasks.registry import get_task
 
+    from labscale.secrets import register_env
+
     limit = limit or exp.limit
+    for spec in exp.models:  # keys never reach an error text, the database or a report
+        register_env(spec.api_key_env)
     skipped = skipped_models(exp)
     notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped]
     skipped_labels = {spec.label for spec, _ in skipped}

@@ -65,6 +65,11 @@ class Results:
     loglikelihoods: object | None = None
     stopped: LabscaleError | None = None  # why the evaluation stopped early (cost limit, rejected key)
 
+    @property
+    def unanswered(self) -> list[Run]:
+        """Finished runs without a single successful request: they have no score."""
+        return [r for r in self.runs if r.complete and r.n_examples and r.failed >= r.n_examples]
+
     def run(self, task: str, model: str, setting: str = "zero-shot") -> Run:
         for r in self.runs:
             if (r.task, r.model, r.setting) == (task, model, setting):

@@ -188,9 +188,11 @@ class Runner:
         from labscale.metrics.stats import bootstrap_ci
 
         per_example: list[dict] = [{} for _ in outcomes]
-        scores, group_scores = [], []
+        scores: list[dict] = []
+        group_scores: list[dict] = []
         labels = {f: [_group_label(o.example.meta.get(f)) for o in outcomes] for f in plan.task.group_fields}
-        for name in plan.task.metrics:
+        every_request_failed = all(o.failed is not None for o in outcomes)
+        for name in [] if every_request_failed else plan.task.metrics:  # no score from no answer at all
             metric = get_metric(name)
             stats = metric.stats(outcomes)
             value = metric.aggregate(stats)

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from labscale.secrets import redact
+
 SCHEMA_VERSION = "3"  # 2: predictions.error, generations.usage_estimated, notices; 3: group_scores
 
 SCHEMA = """
@@ -224,7 +226,7 @@ class Store:
                    cache_keys_json, stats_json, error) VALUES (?,?,?,?,?,?,?,?,?,?)""",
                 [
                     (run_id, i, p["example_id"], p["prompt"], p["output"], p["prediction"], p["target"],
-                     _dumps(p["cache_keys"]), _dumps(p["stats"]), p.get("error"))
+                     _dumps(p["cache_keys"]), _dumps(p["stats"]), redact(p.get("error")))
                     for i, p in enumerate(predictions)
                 ],
             )

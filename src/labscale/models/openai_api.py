@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from labscale.config import ModelSpec
 from labscale.efficiency.cost import ModelPrice, estimate_tokens, lookup
 from labscale.errors import ModelError
+from labscale.secrets import redact, register_env
 from labscale.models.base import (
     GenerationRequest,
     GenerationResult,
@@ -147,6 +148,7 @@ class OpenAIBackend(ModelBackend):
                 if missing:
                     raise missing_key_error(self.spec, missing)
                 var = self.spec.api_key_env
+                register_env(var)
                 self._client = openai.OpenAI(api_key=(os.environ.get(var) if var else None) or "no-key",
                                              base_url=self.base_url, max_retries=0, timeout=self.spec.timeout_s)
             return self._client
@@ -247,4 +249,4 @@ def _error_message(e) -> str:
 
 def _failed(request: GenerationRequest, reason: str, started: float, retries: int) -> GenerationResult:
     return GenerationResult(text="", prompt_tokens=0, new_tokens=0, latency_s=time.perf_counter() - started,
-                            compute_s=0.0, finish_reason="error", error=reason, retries=retries)
+                            compute_s=0.0, finish_reason="error", error=redact(reason), retries=retries)

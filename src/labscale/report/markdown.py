@@ -13,8 +13,8 @@ import numpy as np
 from labscale.atomic import write_atomic
 from labscale.engine.store import Store
 from labscale.errors import LabscaleError
-from labscale.report.format import fmt, fmt_bytes, fmt_ci, fmt_rate, table
-from labscale.report.runs import StoredRun, adapter_runs, shown_metric
+from labscale.report.format import fmt, fmt_bytes, fmt_rate, table
+from labscale.report.runs import StoredRun, adapter_runs, result_cell, shown_metric
 
 
 def build_report(store: Store, experiment: str | None = None, bootstrap_samples: int | None = None) -> str:
@@ -53,8 +53,9 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
         lines += [f"**Notice:** {notice}.", ""]
     failed = [r for r in runs if r.complete and r.efficiency.get("failed")]
     if failed:
-        lines += ["**Failed requests** (API errors that persisted through retries; scored as wrong, reasons in the "
-                  "database's `predictions.error`; re-running the experiment retries them): " + ", ".join(
+        lines += ["**Failed requests** (API errors that persisted through retries; scored as wrong — a run whose "
+                  "every request failed has no score — reasons in the database's `predictions.error`; re-running "
+                  "the experiment retries them): " + ", ".join(
                       f"{r.model} · {r.task} · {r.setting}: {r.efficiency['failed']}/{r.efficiency['examples']}"
                       for r in failed) + ".", ""]
 
@@ -75,17 +76,24 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
         rows = []
         for task in tasks:
             metric = main_metric[task]
+            row_runs = [by_key[(task, m, setting)] for m in models if (task, m, setting) in by_key]
+            # the row names the metric its cells show: acc where every run answered by letter
+            shown_all = list(dict.fromkeys(shown_metric(r, metric) for r in row_runs)) or [metric]
+            primary = metric if metric in shown_all else shown_all[0]
+            others = [s for s in shown_all if s != primary]
+            label = primary + (f"; {others[0]} where answered by letter" if others else "")
             cells = []
             for m in models:
                 r = by_key.get((task, m, setting))
                 shown = shown_metric(r, metric) if r else metric
-                s = r.scores.get(shown) if r and r.complete else None
-                cell = fmt_ci(s["value"], s["ci_low"], s["ci_high"]) if s else ("pending" if r else "—")
-                cells.append(cell + (f" ({shown}, {r.protocol})" if s and shown != metric else ""))
-            protocols = {by_key[(task, m, setting)].protocol for m in models if (task, m, setting) in by_key}
-            note = "" if protocols <= {"generate"} else f", {'/'.join(sorted(protocols))}"
-            n = next((by_key[(task, m, setting)].row["n_examples"] for m in models if (task, m, setting) in by_key), 0)
-            rows.append([f"{task} ({metric}{note}, n={n})", *cells])
+                cell = result_cell(r, shown)
+                if r and r.scores.get(shown) and shown != primary:
+                    cell += f" ({shown}, {r.protocol})"
+                cells.append(cell)
+            protocols = {r.protocol for r in row_runs}
+            note = "" if protocols <= {"generate"} and primary == metric else f", {'/'.join(sorted(protocols))}"
+            n = row_runs[0].row["n_examples"] if row_runs else 0
+            rows.append([f"{task} ({label}{note}, n={n})", *cells])
         lines += table(["task (main metric)", *models], rows)
 
     lines += ["## Full metrics by task", ""]
@@ -101,8 +109,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
                 r = by_key.get((task, m, setting))
                 if r is None:
                     continue
-                cells = [fmt_ci(r.scores[k]["value"], r.scores[k]["ci_low"], r.scores[k]["ci_high"])
-                         if r.complete and k in r.scores else "pending" for k in metrics]
+                cells = [result_cell(r, k) for k in metrics]
                 rows.append([m, setting, r.protocol, str(r.row["n_examples"]), *cells])
         lines += table(["model", "setting", "protocol", "n", *metrics], rows)
 
@@ -123,6 +130,8 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
                     # both runs on a metric each can compute (accuracy when one answered by letter)
                     shown = {shown_metric(ra, main_metric[task]), shown_metric(rb, main_metric[task])}
                     metric = shown.pop() if len(shown) == 1 else "acc"
+                    if metric not in ra.scores or metric not in rb.scores:  # e.g. every request failed
+                        continue
                     aggregate = get_metric(metric).aggregate
                     ids_a, sa = ra.stats(metric)
                     ids_b, sb = rb.stats(metric)

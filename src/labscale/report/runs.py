@@ -44,6 +44,25 @@ def shown_metric(run: StoredRun, main: str) -> str:
     return main
 
 
+def result_cell(run: StoredRun | None, metric: str) -> str:
+    """A results-table cell: `score [low, high]`, with `(k failed)` when some requests failed; `failed n/n` (no
+    score) when all did; `pending` for an unfinished run, `—` for none."""
+    from labscale.report.format import fmt_ci
+
+    if run is None:
+        return "—"
+    if not run.complete:
+        return "pending"
+    n, failed = run.row["n_examples"], int(run.efficiency.get("failed") or 0)
+    s = run.scores.get(metric)
+    if failed and failed >= n:
+        return f"failed {failed}/{n}"
+    if s is None:
+        return "n/a"
+    cell = fmt_ci(s["value"], s["ci_low"], s["ci_high"])
+    return cell + (f" ({failed} failed)" if failed else "")
+
+
 def adapter_runs(runs: list[StoredRun]):
     """(first run, card summary) of each adapter with a labscale.json card among the runs."""
     seen = set()

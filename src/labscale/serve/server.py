@@ -64,6 +64,9 @@ def serve(
     from labscale.serve.app import create_app
     from labscale.serve.batcher import Batcher
 
+    from labscale.secrets import register
+
+    register(api_key)  # never printed, but an error text could carry it
     base_name = served_name or model
     if base_name in adapters:
         raise LabscaleError(f"adapter name '{base_name}' is also the base model's name", "rename the adapter")
