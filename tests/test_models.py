@@ -90,7 +90,7 @@ def test_embedded_not_installed(home, monkeypatch):
 
 
 def test_list_embedded_fields(home):
-    (row,) = embedded.list_embedded()
+    row = embedded.list_embedded()[0]
     assert row["name"] == "smollm2-135m-instruct"
     assert row["license"] == "Apache-2.0"
     assert 130e6 < row["params"] < 140e6

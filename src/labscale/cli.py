@@ -109,11 +109,11 @@ def tasks() -> None:
 @app.command()
 def models() -> None:
     """List the embedded models: size, licence, and whether they are installed and converted."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from labscale.models.embedded import list_embedded
 
-    t = Table("model", "parameters", "licence", "package size", "installed", "converted", "description")
+    t = Table(Column("model", no_wrap=True), "parameters", "licence", "package size", "installed", "converted", "description")
     for m in list_embedded():
         mib = lambda n: f"{n / 2**20:,.0f} MiB" if n else "—"  # noqa: E731
         t.add_row(m["id"], f"{m['params'] / 1e6:.1f}M", m["license"], mib(m["size_bytes"]),

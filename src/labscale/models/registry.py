@@ -36,7 +36,7 @@ def _embedded(spec: ModelSpec, name: str) -> ModelBackend:
         spec,
         str(folder),
         spec.label,
-        extra={"embedded": name, "package": f"{m.package}=={m.version}", "license": m.license},
+        extra={"embedded": name, "package": m.requirement, "license": m.license},
     )
 
 
