@@ -53,6 +53,18 @@ CASES = {
         lambda t, b: {**b, "tasks": [user_task()]} if csv(t, "text,label\n" + ("word " * 3000 + ",x\n") * 10) else None,
         "context of 512"),
     "negative limit": (lambda t, b: {**b, "limit": -1}, "limit"),
+    # values that used to pass validation and crash after generating
+    "negative seed": (lambda t, b: {**b, "seed": -1}, "at 'seed'"),
+    "seed beyond 64 bits": (lambda t, b: {**b, "seed": 2**63}, "at 'seed'"),
+    "huge bootstrap": (lambda t, b: {**b, "bootstrap_samples": 10**8}, "at 'bootstrap_samples'"),
+    "infinite temperature": (lambda t, b: {**b, "generation": {"temperature": float("inf")}}, "finite number"),
+    "empty stop string": (lambda t, b: {**b, "generation": {"stop": [""]}}, "empty stop string"),
+    "few-shot without a train split": (
+        lambda t, b: {**b, "settings": ["few-shot:1"], "tasks": [user_task(split_fractions=[0, 0, 1])]}
+        if csv(t, "text,label\na,b\nc,d\n") else None, "use zero-shot, or give the task train examples"),
+    "a task mapping with a wrong field type": (
+        lambda t, b: {**b, "tasks": [user_task(labels="yes")]} if csv(t, "text,label\na,b\n") else None,
+        "at 'tasks.0.labels'"),
 }
 
 
@@ -77,6 +89,57 @@ def test_malformed_yaml_and_missing_file(tmp_path, db, capsys, monkeypatch):
         code, _, err = cli(capsys, monkeypatch, "run", path, "--db", db)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
     assert dump(db) == before
+
+
+def test_odd_experiment_paths_and_encodings(tmp_path, db, capsys, monkeypatch):
+    before = dump(db)
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (tmp_path / "dup.yaml").write_text("name: a\nmodels: [x]\nname: b\n")
+    folder = tmp_path / "afolder"
+    folder.mkdir()
+    for path, expected in ((tmp_path / "binary.yaml", "binary file"), (tmp_path / "latin1.yaml", "not UTF-8"),
+                           (folder, "is a folder"), (tmp_path / "dup.yaml", "duplicate key 'name' at line 3")):
+        code, _, err = cli(capsys, monkeypatch, "run", path, "--db", db)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+    assert dump(db) == before
+
+
+def test_yaml_11_booleans_and_numbers_are_the_labels_written(tmp_path, base, capsys, monkeypatch):
+    (tmp_path / "yn.csv").write_text("text,label\n" + "".join(f"t{i},{'yes' if i % 2 else 'no'}\n" for i in range(9)))
+    (tmp_path / "01.csv").write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(9)))
+    exp = tmp_path / "labels.yaml"
+    exp.write_text(f"name: lab\nmodels: [{base['models'][0]}]\nlimit: 2\ngeneration: {{max_new_tokens: 2}}\n"
+                   "tasks:\n"
+                   "  - {name: yn, data: yn.csv, type: classify, input: '{{ text }}', target: label, labels: [yes, no]}\n"
+                   "  - {name: bits, data: 01.csv, type: classify, input: '{{ text }}', target: label, labels: [0, 1]}\n")
+    code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "lab.db")
+    assert code == 0, err
+    import sqlite3
+
+    labels = [row[0] for row in sqlite3.connect(tmp_path / "lab.db").execute("SELECT task_json FROM runs")]
+    assert any('"labels": ["yes", "no"]' in x for x in labels) and any('"labels": ["0", "1"]' in x for x in labels)
+
+
+def test_report_out_and_foreign_databases(tmp_path, base, db, capsys, monkeypatch):
+    import sqlite3
+
+    for out, expected in ((tmp_path / "nope" / "r.md", "does not exist"), (tmp_path, "is a folder")):
+        code, _, err = cli(capsys, monkeypatch, "report", "--db", db, "--out", out)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    exp = write_experiment(tmp_path / "good2.yaml", **base)
+    code, _, err = cli(capsys, monkeypatch, "run", exp, "--db", other)
+    assert code == 2 and "another program" in err and len(err.strip().splitlines()) == 1, err
+    assert other.read_bytes() == before
+    code, _, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path)
+    assert code == 2 and "is a folder" in err, err
 
 
 def test_not_a_database(tmp_path, base, capsys, monkeypatch):

@@ -19,7 +19,9 @@ DEFAULT_DB_DIR = Path("runs")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    # one line, whatever the message quotes (a key or a value from the user's file may hold newlines)
+    line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+    typer.echo(f"error: {line}", err=True)
     sys.exit(code)
 
 

@@ -13,7 +13,16 @@ from labscale.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf / nan pass `ge` / `gt` bounds otherwise (`.inf` is valid YAML): no field of labscale takes them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Seeds feed Python's random, numpy and torch generators and SQLite INTEGER columns: 0 … 2**32 - 1 fits them all.
+MAX_SEED = 2**32 - 1
+SEED = Field(0, ge=0, le=MAX_SEED, description="few-shot draws, sampling, bootstrap (0 … 4294967295)")
+MAX_TOKENS = 2**20  # far beyond any model's context; keeps token arithmetic and JSON integers small
+# The bootstrap holds n_boot × n resample indices in memory: 10,000 × 10,000 examples is 800 MB.
+MAX_BOOTSTRAP = 10_000
 
 
 class Price(_Strict):
@@ -37,7 +46,7 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "8bit", "4bit"] = "none"
     device: str = "auto"
-    batch_size: int = Field(16, ge=1, description="local: forward batch; API: requests per stored batch")
+    batch_size: int = Field(16, ge=1, le=4096, description="local: forward batch; API: requests per stored batch")
     revision: Optional[str] = None
     base_url: Optional[str] = Field(None, description="API endpoint (default: $OPENAI_BASE_URL, else OpenAI's)")
     api_key_env: Optional[str] = Field(
@@ -48,7 +57,8 @@ class ModelSpec(_Strict):
     timeout_s: float = Field(60.0, gt=0, description="per API request")
     max_retries: int = Field(5, ge=0, le=20, description="retries on 429, 5xx, timeouts and malformed replies")
     price: Optional[Price] = Field(None, description="overrides the built-in price table")
-    context_length: Optional[int] = Field(None, ge=1, description="API model context (default: the price table's)")
+    context_length: Optional[int] = Field(None, ge=1, le=2**31,
+                                          description="API model context (default: the price table's)")
     token_limit_field: Optional[Literal["max_tokens", "max_completion_tokens"]] = Field(
         None, description="request field for the output budget (default: max_completion_tokens for OpenAI's "
         "reasoning models o1/o3/o4/gpt-5, else max_tokens, which every compatible server accepts)"
@@ -91,13 +101,29 @@ class TaskSpec(_Strict):
     groups: list[str] = Field([], description="columns to break every metric down by (per group, worst group, gap)")
     label_aliases: dict[str, list[str]] = Field({}, description="classify: other phrasings that count as a label")
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_written(cls, v):
+        """`labels: [0, 1]` are the labels "0" and "1" (YAML reads them as numbers)."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
+        return v
+
 
 class GenerationSpec(_Strict):
-    max_new_tokens: int = Field(64, ge=1)
-    cot_max_new_tokens: int = Field(256, ge=1, description="budget for the cot setting's reasoning + answer")
-    temperature: float = Field(0.0, ge=0.0)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    cot_max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS, description="budget for the cot setting's reasoning + "
+                                    "answer")
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = []
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("an empty stop string would cut every output to nothing; remove it")
+        return v
 
 
 class DPSpec(_Strict):
@@ -142,9 +168,9 @@ class Experiment(_Strict):
     tasks: list[Union[str, TaskSpec]] = Field(min_length=1)
     settings: list[str] = Field(["zero-shot"], min_length=1)
     limit: Optional[int] = Field(None, ge=1, description="test examples per task (the first N of the seeded split)")
-    seed: int = 0
+    seed: int = SEED
     generation: GenerationSpec = GenerationSpec()
-    bootstrap_samples: int = Field(1000, ge=100)
+    bootstrap_samples: int = Field(1000, ge=100, le=MAX_BOOTSTRAP)
     cost_limit: Optional[float] = Field(
         None, gt=0, description="US dollars: API requests stop before this experiment's API cost would exceed it"
     )
@@ -195,12 +221,32 @@ class Experiment(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Names pydantic puts in an error's location for the member of a Union it tried (`tasks.0.str`, `tasks.0.TaskSpec`)
+_BRANCHES = {"str", "int", "float", "bool", "list[str]", "TaskSpec", "ModelSpec", "Price", "DPSpec"}
+
+
+def _relevant(errors: list[dict]) -> list[dict]:
+    """For a Union field (a task is a name or a mapping), the errors of the branch the user meant: a mapping's
+    errors, not "should be a valid string"."""
+    def branch(e):
+        return next((str(p) for p in e["loc"] if str(p) in _BRANCHES), None)
+
+    deeper = [e for e in errors if branch(e) not in (None, "str", "int", "float", "bool", "list[str]")]
+    plain = [e for e in errors if branch(e) is None]
+    return plain or deeper or errors
+
+
 def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union")))
+    errors = _relevant(err.errors())
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]
+                   if not str(p).startswith(("function-", "union")) and str(p) not in _BRANCHES)
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "string_type" and isinstance(first.get("input"), (bool, int, float)):
+        kind = {"bool": "a boolean", "int": "a number", "float": "a number"}[type(first["input"]).__name__]
+        msg += f" (YAML read {first['input']!r} as {kind}: quote it, e.g. '{first['input']}')"
     where = f"at '{loc}'" if loc else "at the top level"
-    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    extra = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"invalid experiment file {where}: {msg}{extra}"
 
 
@@ -216,16 +262,7 @@ def parse_experiment(data: object, base_dir: Path = Path(".")) -> Experiment:
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    import yaml
+    from labscale.yamlio import load_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file '{path}' does not exist", "check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "syntax error"
-        raise ConfigError(f"malformed YAML in '{path}'{where}: {problem}", "fix the YAML syntax") from None
-    return parse_experiment(data, base_dir=path.resolve().parent)
+    data = load_yaml(path, "experiment file")
+    return parse_experiment(data, base_dir=Path(path).resolve().parent)

@@ -123,11 +123,13 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     from labscale.config import load_experiment
     from labscale.engine.plan import environment
     from labscale.engine.runner import Runner
-    from labscale.engine.store import open_store
+    from labscale.engine.store import check_db_path, open_store
     from labscale.report.markdown import write_report
     from labscale.results import load_results
 
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
+    db = Path(db) if db is not None else default_db(exp.name)
+    check_db_path(db)  # a foreign or broken database is refused before any work
     console = console or Console(stderr=True)
     with console.status("validate: loading tasks and tokenizers, checking every prompt…"):
         v = validate(exp, limit)
@@ -138,7 +140,6 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     plans = plan(v, adapted)
     if adapted:
         say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
-    db = Path(db) if db is not None else default_db(exp.name)
     store = open_store(db)  # only now: bad input leaves the database untouched
     stopped: LabscaleError | None = None
     runner = None

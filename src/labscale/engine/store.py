@@ -16,6 +16,9 @@ from typing import Iterator
 
 from labscale.secrets import redact
 
+# SQLite's application_id header field marks a file as labscale's ('LbSc'); files of older labscale versions
+# without it are recognised by their meta table.
+APPLICATION_ID = 0x4C625363
 SCHEMA_VERSION = "3"  # 2: predictions.error, generations.usage_estimated, notices; 3: group_scores
 
 SCHEMA = """
@@ -125,12 +128,56 @@ def _dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def open_store(path: str | Path) -> "Store":
-    """The store for writing, or a one-line error when the file is not a usable labscale database."""
+class NotLabscale(sqlite3.DatabaseError):
+    """The file is an SQLite database of something else."""
+
+
+def check_db_path(path: str | Path) -> None:
+    """Before any work: refuse a --db that is a folder, not SQLite, or another program's database (read-only)."""
     from labscale.errors import LabscaleError
 
+    path = Path(path)
+    if path.is_dir():
+        raise LabscaleError(f"--db '{path}' is a folder", "pass the path of a database file, e.g. runs/x.db")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            owner_problem(conn)
+        finally:
+            conn.close()
+    except NotLabscale as e:
+        raise LabscaleError(f"'{path}' is {e}", "pass another --db path (labscale does not write into "
+                            "other programs' databases)") from None
+    except sqlite3.DatabaseError as e:
+        raise LabscaleError(f"'{path}' is not a usable labscale database ({e})", "pass another --db path") from None
+
+
+def owner_problem(conn: sqlite3.Connection) -> bool:
+    """True when the database is new (empty); False when it is labscale's; raises NotLabscale otherwise."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id == APPLICATION_ID:
+        return False
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    ours = "meta" in tables and conn.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone() is not None
+    if app_id != 0 or (tables and not ours):
+        shown = ", ".join(sorted(tables)[:5]) or "none"
+        raise NotLabscale(f"an SQLite database of another program (application id {app_id:#x}, tables: {shown})")
+    return not tables
+
+
+def open_store(path: str | Path) -> "Store":
+    """The store for writing, or a one-line error when the file is not a usable labscale database (another
+    program's SQLite database is refused, never written to)."""
+    from labscale.errors import LabscaleError
+
+    check_db_path(path)
     try:
         return Store(path)
+    except NotLabscale as e:
+        raise LabscaleError(f"'{path}' is {e}", "pass another --db path (labscale does not write into "
+                            "other programs' databases)") from None
     except sqlite3.DatabaseError as e:
         raise LabscaleError(f"'{path}' is not a usable labscale database ({e})", "pass another --db path") from None
 
@@ -143,12 +190,23 @@ class Store:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self._check_owner()
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript manages its own transaction
             self._migrate()
             self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         self.conn.row_factory = sqlite3.Row
+
+    def _check_owner(self) -> None:
+        """Refuse an SQLite file that belongs to another program; mark new (and older labscale) files as ours."""
+        try:
+            owner_problem(self.conn)
+        except NotLabscale:
+            self.conn.close()
+            raise
+        if self.conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
 
     def _migrate(self) -> None:
         """Bring a database written by an older labscale up to this schema (additive changes only)."""

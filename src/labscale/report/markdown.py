@@ -259,5 +259,15 @@ def write_report(db: Path, out: Path | None = None, experiment: str | None = Non
     finally:
         store.close()
     out = out or db.with_suffix(".md")
+    check_output(out)
     write_atomic(out, text)
     return out
+
+
+def check_output(out: Path) -> None:
+    """A report path must be a file in an existing folder: one-line errors otherwise (nothing is written)."""
+    if out.is_dir():
+        raise LabscaleError(f"--out '{out}' is a folder", f"pass a file path, e.g. --out {out / 'report.md'}")
+    if not out.parent.is_dir():
+        raise LabscaleError(f"the folder of --out '{out}' does not exist", f"create {out.parent}/ first, or pass "
+                            "another path")

@@ -63,7 +63,7 @@ def check_shots(task: Task, setting: Setting) -> None:
         if setting.shots > n_train:
             raise DataError(
                 f"{setting.name} needs {setting.shots} examples but task '{task.name}' has only {n_train} in its train split",
-                f"use few-shot:{n_train} or fewer",
+                f"use few-shot:{n_train} or fewer" if n_train else "use zero-shot, or give the task train examples",
             )
 
 
