@@ -192,7 +192,8 @@ def _negated(text: str, start: int, end: int) -> bool:
     cuts = list(_CLAUSE_CUT.finditer(before))
     if cuts:
         before = before[cuts[-1].end() :]
-    before = before[: _FILLERS.search(before).start()]
+    fillers = _FILLERS.search(before)  # matches at the end at least (all parts optional)
+    before = before[: fillers.start()] if fillers else before
     return bool(_NEGATOR.search(before)) or bool(_NEGATED_AFTER.match(text, end))
 
 
@@ -240,7 +241,8 @@ def _letters(text: str, texts: list[_Mention]) -> list[_Mention]:
 
 def _agrees(text: str, mention: _Mention, patterns: list[re.Pattern | None]) -> bool:
     """False when the letter is directly followed by the text of another option ("B. eagle", B being penguin)."""
-    starts = [_AGREE_GAP.match(text, mention.end).end()]
+    gap = _AGREE_GAP.match(text, mention.end)  # optional parts: matches (empty) anywhere
+    starts = [gap.end() if gap else mention.end]
     article = _ARTICLE.match(text, starts[0])
     if article:
         starts.append(article.end())
@@ -302,7 +304,8 @@ def parse_choice(text: str, example: Example) -> str:
     cues = [c for c in _CUE.finditer(text)  # a cue followed by some text, and not inside an option's text
             if last_word and c.end() <= last_word.start() and not any(t.start <= c.start() < t.end for t in texts)]
     if cues:
-        start = re.compile(r"\s*").match(text, cues[-1].end()).end()
+        rest = text[cues[-1].end():]
+        start = cues[-1].end() + len(rest) - len(rest.lstrip())
         stop = _SENTENCE_END.search(text, start)
         end = stop.end() if stop else len(text)
         decided = _clause(text, start, end, letters, texts, n, example, patterns)

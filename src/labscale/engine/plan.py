@@ -40,7 +40,7 @@ def environment() -> dict:
     import os
     import platform
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in _PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)

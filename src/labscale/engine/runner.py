@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from labscale.answers import parse_answer
-from labscale.engine.plan import RunPlan
+from labscale.engine.plan import Item, RunPlan
 from labscale.engine.store import Store
 from labscale.example import UNPARSEABLE, Outcome
 from labscale.hashing import sha
@@ -101,7 +101,7 @@ class Runner:
         have = self.store.cached_generations(keys)
         for key, row in have.items():
             self.cap.add(key, cost_usd(price, row["prompt_tokens"], row["new_tokens"]))
-        todo: dict[str, object] = {}
+        todo: dict[str, Item] = {}
         for key, it in zip(keys, plan.items):
             if key not in have and key not in todo:
                 todo[key] = it
@@ -114,7 +114,7 @@ class Runner:
         while pending:
             chunk = pending[: plan.model.batch_size]
             if price is not None:  # API spending: admit only what fits under the cost limit, worst case
-                worst = [cost_usd(price, it.tokens, plan.decoding.max_new_tokens) for _, it in chunk]
+                worst = [cost_usd(price, it.tokens, plan.decoding.max_new_tokens) or 0.0 for _, it in chunk]
                 chunk = chunk[: self.cap.admit(worst)]
             pending = pending[len(chunk):]
             results = plan.backend.generate([GenerationRequest(it.prompt, plan.decoding) for _, it in chunk])

@@ -233,7 +233,7 @@ class Store:
     # -- experiments and runs -------------------------------------------------------------------------------
 
     def begin_experiment(self, name: str, config_hash: str, config: dict, environment: dict, runs: list[dict],
-                         notices: list[str] = ()) -> int:
+                         notices: tuple[str, ...] | list[str] = ()) -> int:
         """Record an experiment invocation, its notices (e.g. skipped models) and its runs (pending unless already
         stored)."""
         with self.transaction() as c:
@@ -258,7 +258,7 @@ class Store:
                     "INSERT INTO experiment_runs(experiment_id, run_id, position) VALUES (?,?,?)",
                     (exp_id, run["id"], position),
                 )
-        return exp_id
+        return int(exp_id)  # type: ignore[arg-type]  # lastrowid of an INSERT
 
     def finish_experiment(self, exp_id: int) -> None:
         with self.transaction() as c:
@@ -274,7 +274,7 @@ class Store:
                                  (run_id,)).fetchone()[0]
 
     def complete_run(self, run_id: str, predictions: list[dict], scores: list[dict], efficiency: dict,
-                     started_at: float, group_scores: list[dict] = ()) -> None:
+                     started_at: float, group_scores: list[dict] | tuple = ()) -> None:
         """Write a run's predictions, scores and per-group scores and mark it complete, all in one transaction."""
         with self.transaction() as c:
             for table in ("predictions", "scores", "group_scores"):

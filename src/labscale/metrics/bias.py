@@ -94,7 +94,7 @@ def pct_stereotype_stats(outcomes: list[Outcome]) -> np.ndarray:
     rows = []
     for o in outcomes:
         gold = o.example.gold
-        if o.failed is None and o.logprobs is not None:
+        if o.failed is None and o.logprobs is not None and gold is not None:
             other = max(lp for i, lp in enumerate(o.logprobs) if i != gold)
             rows.append(float(o.logprobs[gold] > other))  # strictly more likely, as lm-eval
         else:

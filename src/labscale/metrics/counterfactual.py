@@ -27,7 +27,7 @@ def _masked(o: Outcome) -> str:
 
 
 def _changed(outcomes: list[Outcome]) -> np.ndarray:
-    variants: dict[str, list[tuple[int, str]]] = {}
+    variants: dict[str | None, list[tuple[int, str]]] = {}
     for i, o in enumerate(outcomes):
         if o.example.meta.get("name_group") is not None and o.failed is None:
             variants.setdefault(o.example.meta.get("counterfactual_of"), []).append((i, _masked(o)))

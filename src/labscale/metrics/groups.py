@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import warnings
 
+from typing import Any
+
 import numpy as np
 
 from labscale.metrics.stats import Aggregate, interval, resample
@@ -23,7 +25,9 @@ def group_breakdown(stats: np.ndarray, aggregate: Aggregate, labels: list[str | 
     stats = np.asarray(stats, dtype=float)
     names = sorted({g for g in labels if g is not None})
     rng = np.random.default_rng(seed)
-    rows, values, replicates = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    values: dict[str, float] = {}
+    replicates: dict[str, np.ndarray] = {}
     for g in names:
         sub = stats[[i for i, label in enumerate(labels) if label == g]]
         value = aggregate(sub)

@@ -13,7 +13,7 @@ from labscale.metrics.base import mean_of_first_column, nanmean_of_first_column
 Aggregate = Callable[[np.ndarray], float]
 
 # Aggregates that are (nan)means of column 0 get the vectorised resampling path.
-_MEANS = {mean_of_first_column: np.mean, nanmean_of_first_column: np.nanmean}
+_MEANS: dict[Callable, Callable] = {mean_of_first_column: np.mean, nanmean_of_first_column: np.nanmean}
 
 
 def resample(stats: np.ndarray, idx: np.ndarray, aggregate: Aggregate) -> np.ndarray:

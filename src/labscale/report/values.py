@@ -63,7 +63,7 @@ def _fairness_tables(runs: list[StoredRun]) -> list[str]:
                              if g["field"] == field and g["metric"] == metric}
                     worst = next((g for (kind, _), g in cells.items() if kind == "worst"), None)
                     gap = next((g for (kind, _), g in cells.items() if kind == "gap"), None)
-                    if gap is None:  # defined in fewer than two groups (e.g. accuracy on ambiguous contexts only)
+                    if gap is None or worst is None:  # defined in fewer than two groups (e.g. accuracy on ambiguous contexts only)
                         continue
                     rows.append([r.model, r.setting, metric, *[_cell(cells.get(("group", g))) for g in groups],
                                  f"{worst['group_name']}: {_cell(worst)}", f"{_cell(gap)} ({gap['group_name']})"])
