@@ -28,3 +28,18 @@ class DataError(LabscaleError):
 
 class ModelError(LabscaleError):
     """A model cannot be resolved or loaded, or a prompt does not fit it."""
+
+
+def did_you_mean(word: object, candidates, n: int = 1) -> str:
+    """"did you mean 'x'? " for the closest of `candidates` to a misspelt `word` (difflib), or "" when none is
+    close: the start of a hint, so every unknown-name error suggests the same way."""
+    import difflib
+
+    if not isinstance(word, str) or not word:
+        return ""
+    pool = [str(c) for c in candidates]
+    by_lower = {c.lower(): c for c in pool}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return "did you mean " + " or ".join(f"'{by_lower[c]}'" for c in close) + "? "
