@@ -30,16 +30,23 @@ class ModelError(LabscaleError):
     """A model cannot be resolved or loaded, or a prompt does not fit it."""
 
 
-def did_you_mean(word: object, candidates, n: int = 1) -> str:
-    """"did you mean 'x'? " for the closest of `candidates` to a misspelt `word` (difflib), or "" when none is
-    close: the start of a hint, so every unknown-name error suggests the same way."""
+def closest(word: object, candidates) -> str | None:
+    """The candidate closest to a misspelt `word` (difflib, case-insensitive; else the one candidate `word` begins),
+    or None when none is close."""
     import difflib
 
     if not isinstance(word, str) or not word:
-        return ""
-    pool = [str(c) for c in candidates]
-    by_lower = {c.lower(): c for c in pool}
-    close = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)
-    if not close:
-        return ""
-    return "did you mean " + " or ".join(f"'{by_lower[c]}'" for c in close) + "? "
+        return None
+    by_lower = {str(c).lower(): str(c) for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    if close:
+        return by_lower[close[0]]
+    longer = [c for c in by_lower if c.startswith(word.lower())]  # a name cut short: 'smollm2' → 'smollm2-135m-…'
+    return by_lower[longer[0]] if len(longer) == 1 else None
+
+
+def did_you_mean(word: object, candidates) -> str:
+    """"did you mean 'x'? " for the closest of `candidates` to `word`, or "": the start of a hint, so every
+    unknown-name error suggests the same way."""
+    match = closest(word, candidates)
+    return f"did you mean '{match}'? " if match else ""

@@ -112,8 +112,7 @@ def warnings(plans: list) -> list[str]:
     groups: dict[tuple, list] = {}
     for p in plans:
         if p.output_budget:
-            knob = "cot_max_new_tokens" if p.setting.kind == "cot" else "max_new_tokens"
-            groups.setdefault((p.task.name, knob, p.output_budget["max_new_tokens"]), []).append(p)
+            groups.setdefault((p.task.name, p.output_budget["field"], p.output_budget["max_new_tokens"]), []).append(p)
     lines = []
     for (task, knob, budget), ps in groups.items():
         median = max(p.output_budget["median_target_tokens"] for p in ps)

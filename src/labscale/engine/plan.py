@@ -33,6 +33,7 @@ from labscale.settings.setting import (
     chat_prompt,
     check_shots,
     loglikelihood_prompt,
+    select_shots,
     parse_setting,
     protocol_for,
 )
@@ -98,13 +99,6 @@ class RunPlan:
         return {"max_input_tokens": self.task.max_input_tokens, "truncate": self.task.truncate,
                 "truncated": sum(it.truncated for it in self.items), "of": len(self.items)}
 
-    def warnings(self) -> list[str]:
-        b = self.output_budget
-        if not b:
-            return []
-        return [f"max_new_tokens={b['max_new_tokens']} is under a quarter of the median reference length "
-                f"({b['median_target_tokens']} tokens): outputs will be cut short and scores understate the model"]
-
     def record(self) -> dict:
         """The run row the store keeps (everything but results)."""
         info = self.backend.info
@@ -159,20 +153,21 @@ def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, e
             misfits.append((ex, need))
         items.append(Item(ex, prompt, tokens, continuations, truncated=fit(ex) is not ex))
     if misfits:
-        raise _context_error(task, setting, protocol, backend, budget, len(examples), misfits, fit)
+        raise _context_error(task, setting, protocol, backend, budget, len(examples), misfits, fit, seed)
     return items
 
 
 def _context_error(task: Task, setting: Setting, protocol: str, backend: ModelBackend, budget: int, n: int,
-                   misfits: list[tuple[Example, int]], fit) -> ModelError:
+                   misfits: list[tuple[Example, int]], fit, seed: int) -> ModelError:
     """How many examples do not fit, the first few by name, and the max_input_tokens that would make them fit."""
     ctx = backend.info.context_length
     what = "context plus its longest choice" if protocol == "loglikelihood" else f"prompt plus max_new_tokens={budget}"
     named = ", ".join(f"'{ex.id}' ({need})" for ex, need in misfits[:_NAMED])
     more = f", … ({len(misfits) - _NAMED} more)" if len(misfits) > _NAMED else ""
-    # Room for the input: the context less what the rest of the prompt needs (the worst of the misfits).
-    rest = max(need - backend.count_tokens(fit(ex).input) for ex, need in misfits)
-    room = ctx - rest
+    # Room for each input (the test input and one per shot): the context less what the rest of the prompt needs,
+    # shared by the inputs; the worst of the misfits decides.
+    room = min((ctx - need + sum(backend.count_tokens(fit(x).input) for x in inputs)) // len(inputs)
+               for ex, need in misfits for inputs in [[*select_shots(task, setting, ex, seed), ex]])
     if task.max_input_tokens is None:
         fix = (f"set `max_input_tokens: {room}` on the task to cut long inputs (see README), " if room > 0 else "") + \
             "use fewer shots, a lower max_new_tokens, or a model with a longer context"
@@ -245,4 +240,6 @@ def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task
         "items": sha([(it.example.id, it.prompt, it.continuations, it.example.target) for it in items]),
     })[:16]
     budget = _output_budget(task, protocol, backend, test_set, decoding.max_new_tokens)
+    if budget:
+        budget["field"] = "cot_max_new_tokens" if setting.kind == "cot" else "max_new_tokens"
     return RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed, budget)

@@ -266,7 +266,7 @@ def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
         load=load,
         labels=labels,
         split_fractions=tuple(spec.split_fractions),
-        split_by=assigned.__getitem__ if spec.split_column or isinstance(spec.data, DataSplits) else None,
+        split_by=(lambda ex: assigned[ex.id]) if spec.split_column or isinstance(spec.data, DataSplits) else None,
         group_fields=tuple(spec.groups),
         label_aliases={label: tuple(a.strip() for a in aliases) for label, aliases in spec.label_aliases.items()},
     )
