@@ -469,3 +469,15 @@ def test_truncation_on_the_embedded_model(tmp_path):
         validate(parse_experiment({"name": "real", "models": ["embedded:smollm2-135m-instruct"],
                                    "tasks": [{"name": "long", "data": {"test": "long.jsonl"}, "type": "generate",
                                               "input": "{{ dialogue }}", "target": "note"}]}, base_dir=tmp_path))
+
+
+def test_ctrl_c_says_how_to_resume(capsys, monkeypatch):
+    import labscale.experiment
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labscale.experiment, "run_experiment", interrupted)
+    code, _, err = cli(capsys, monkeypatch, "run", "x.yaml")
+    assert code == 130 and one_line(err) == ("error: interrupted; finished work is stored — run the same command "
+                                             "again to resume")

@@ -306,7 +306,8 @@ def main() -> None:
 
     click_exception, usage_error = _click_errors()
     try:
-        code = app(prog_name="labscale", standalone_mode=False)  # parser errors come back as exceptions, printed below as one line
+        # Parser errors come back as exceptions (not click's usage box), printed below as one line.
+        code = app(prog_name="labscale", standalone_mode=False)
     except LabscaleError as e:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:

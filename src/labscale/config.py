@@ -86,7 +86,7 @@ TASK_OPTIONS = tuple(TaskOptions.model_fields)
 
 
 class TaskRef(TaskOptions):
-    """A builtin task (or its `+names` variant) with options, e.g. `{name: mts-summarization, max_input_tokens: 512}`."""
+    """A builtin task (or its `+names` variant) with options: `{name: mts-summarization, max_input_tokens: 512}`."""
 
     name: str
 
@@ -116,10 +116,11 @@ class TaskSpec(TaskOptions):
     """A task defined in the experiment file over a local CSV/JSONL/JSON/Parquet file or an HF dataset id."""
 
     name: str
-    data: Annotated[Union[Annotated[str, Tag("data-path")], Annotated[DataSplits, Tag("data-splits")]],
-                    Discriminator(_data_kind, custom_error_type="data_type",
-                                  custom_error_message="`data:` should be a path or {train: …, dev: …, test: …}")] = \
-        Field(description="path (relative to the experiment file) or hf:<dataset id>[:<split>]; or one per split: "
+    data: Annotated[
+        Union[Annotated[str, Tag("data-path")], Annotated[DataSplits, Tag("data-splits")]],
+        Discriminator(_data_kind, custom_error_type="data_type",
+                      custom_error_message="`data:` should be a path or {train: …, dev: …, test: …}"),
+    ] = Field(description="path (relative to the experiment file) or hf:<dataset id>[:<split>]; or one per split: "
               "{train: …, dev: …, test: …}")
     type: Literal["generate", "classify", "multiple_choice"]
     input: str = Field(description="Jinja2 template over the row's columns")

@@ -33,9 +33,9 @@ from labscale.settings.setting import (
     chat_prompt,
     check_shots,
     loglikelihood_prompt,
-    select_shots,
     parse_setting,
     protocol_for,
+    select_shots,
 )
 from labscale.settings.truncate import cut_input
 from labscale.tasks.base import Task
@@ -172,7 +172,7 @@ def _context_error(task: Task, setting: Setting, protocol: str, backend: ModelBa
         fix = (f"set `max_input_tokens: {room}` on the task to cut long inputs (see README), " if room > 0 else "") + \
             "use fewer shots, a lower max_new_tokens, or a model with a longer context"
     else:
-        fix = (f"lower the task's max_input_tokens to {room}, " if room > 0 else "") + \
+        fix = (f"lower the task's max_input_tokens to {room}, " if 0 < room < task.max_input_tokens else "") + \
             "use fewer shots, a lower max_new_tokens, or a model with a longer context"
     return ModelError(
         f"{len(misfits)} of {n} examples of task '{task.name}' ({setting.name}) do not fit model "

@@ -58,7 +58,8 @@ def _suggest_setting(name: object) -> str:
     """"did you mean …? " for a misspelt setting: few-shot:K from "3-shot", "fewshot:3", "three-shot", …"""
     if not isinstance(name, str):
         return ""
-    m = re.fullmatch(r"(?:few[-_ ]?shots?[-_: =]*)?(\d+|[a-z]+)[-_ ]?shots?|few[-_ ]?shots?[-_: =]*(\d+)", name.strip().lower())
+    m = re.fullmatch(r"(?:few[-_ ]?shots?[-_: =]*)?(\d+|[a-z]+)[-_ ]?shots?|few[-_ ]?shots?[-_: =]*(\d+)",
+                     name.strip().lower())
     if m:
         k = m.group(1) or m.group(2)
         k = int(k) if k.isdigit() else _NUMBERS.get(k)

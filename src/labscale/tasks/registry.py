@@ -37,7 +37,8 @@ def get_task(entry: str | TaskRef | TaskSpec, base_dir: Path, specs: list[str | 
     to the entry's own."""
     task = _get_task(entry, base_dir, specs)
     if options is None:
-        own = {} if isinstance(entry, str) else {k: getattr(entry, k) for k in entry.model_fields_set & set(TASK_OPTIONS)}
+        own = {} if isinstance(entry, str) else \
+            {k: getattr(entry, k) for k in entry.model_fields_set & set(TASK_OPTIONS)}
         options = TaskOptions(**own)
     if options.max_input_tokens is None:
         return task

@@ -227,7 +227,8 @@ def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
             columns = list(rows[0].keys())
             needed = [("input template", sorted(variables - {ROW_VARIABLE})), ("target", [spec.target])]
             needed += [("id_column", [spec.id_column] if spec.id_column else []), ("choices", choice_columns)]
-            needed += [("groups", list(spec.groups)), ("split_column", [spec.split_column] if spec.split_column else [])]
+            needed += [("groups", list(spec.groups)),
+                       ("split_column", [spec.split_column] if spec.split_column else [])]
             for what, names in needed:
                 for col in names:
                     if col not in columns:
