@@ -61,7 +61,7 @@ CASES = {
     "empty stop string": (lambda t, b: {**b, "generation": {"stop": [""]}}, "empty stop string"),
     "few-shot without a train split": (
         lambda t, b: {**b, "settings": ["few-shot:1"], "tasks": [user_task(split_fractions=[0, 0, 1])]}
-        if csv(t, "text,label\na,b\nc,d\n") else None, "use zero-shot, or give the task train examples"),
+        if csv(t, "text,label\na,b\nc,d\n") else None, "has no train split — use zero-shot"),
     "a task mapping with a wrong field type": (
         lambda t, b: {**b, "tasks": [user_task(labels="yes")]} if csv(t, "text,label\na,b\n") else None,
         "at 'tasks.0.labels'"),

@@ -22,7 +22,7 @@ def test_config_hash_changes_with_content():
     [
         ({"limit": 0}, "at 'limit'"),
         ({"models": []}, "at 'models'"),
-        ({"modles": ["x"]}, "at 'modles': Extra inputs"),
+        ({"modles": ["x"]}, "unknown key 'modles' — did you mean 'models'"),
         ({"name": "has space"}, "at 'name'"),
         ({"models": ["a", "a"]}, "model listed twice: a"),
         ({"generation": {"max_new_tokens": "many"}}, "generation.max_new_tokens"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -275,15 +276,63 @@ def recipes() -> None:
                "with --set FIELD=VALUE.")
 
 
+def _click_errors() -> tuple[type, type]:
+    """(ClickException, UsageError) of the click typer runs on (typer may vendor its own copy of click)."""
+    by_name = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return by_name["ClickException"], by_name["UsageError"]
+
+
+def _usage_line(e: Exception) -> str:
+    """A usage error from the argument parser as one line, `cause — fix`, like every other labscale error."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "labscale"
+    helps = f"see `{command} --help`"
+    message = " ".join(e.format_message().split()).rstrip(".")
+    kind = type(e).__name__
+    if kind == "NoSuchOption":
+        close = getattr(e, "possibilities", None) or []
+        guess = f"did you mean {close[0]}? " if close else ""
+        return f"unknown option {getattr(e, 'option_name', '')} for `{command}` — {guess}{helps}"
+    if kind == "BadParameter" and getattr(e, "param", None) is not None:
+        param = e.param
+        name = param.opts[0] if getattr(param, "opts", None) else param.name
+        reason = message.split(": ", 1)[1] if ": " in message else message
+        fix = next((f for word, f in (("integer", "give a whole number, "), ("number", "give a number, "),
+                                      ("float", "give a number, ")) if f"valid {word}" in reason), "")
+        return f"invalid value for {name}: {_lower(reason)} — {fix}{helps}"
+    m = re.fullmatch(r"No such command '(.*)'\.(?: Did you mean '(.*)'\?)?", message)
+    if m:
+        guess = f"did you mean '{m.group(2)}'? " if m.group(2) else ""
+        return f"unknown command '{m.group(1)}' — {guess}{helps}"
+    return f"{_lower(message)} — {helps}"
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
 def main() -> None:
     from labscale.errors import LabscaleError
 
+    click_exception, usage_error = _click_errors()
     try:
-        app()
+        # Parser errors come back as exceptions (not click's usage box), printed below as one line.
+        code = app(prog_name="labscale", standalone_mode=False)
     except LabscaleError as e:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; finished work is stored — run the same command again to resume", 130)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `labscale` alone: the help was shown
+            sys.exit(e.exit_code)
+        _fail(_usage_line(e), 2)
+    except click_exception as e:
+        _fail(" ".join(e.format_message().split()), e.exit_code)
+    else:
+        if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
+            _fail("interrupted; finished work is stored — run the same command again to resume", 130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
 
 if __name__ == "__main__":

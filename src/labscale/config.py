@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
-from labscale.errors import ConfigError
+from labscale.errors import ConfigError, did_you_mean
 
 
 class _Strict(BaseModel):
@@ -79,11 +80,58 @@ class ModelSpec(_Strict):
         return self
 
 
-class TaskSpec(_Strict):
+class TaskOptions(_Strict):
+    """Options any task takes, builtin or defined in the experiment file: on a task entry, or for every task under
+    `task_defaults:` (an entry's own value wins). Declared here once; both places are this model."""
+
+    max_input_tokens: Optional[int] = Field(
+        None, ge=1, description="opt-in: cut each example's input (never the instruction or the answer cue) to at most "
+        "this many tokens of the model's own tokenizer; recorded with the run and reported")
+    truncate: Literal["middle", "end"] = Field(
+        "middle", description="what max_input_tokens cuts: the input's middle (its head and tail are kept, joined by "
+        "' […] ') or its end (' […]' marks the cut)")
+
+
+TASK_OPTIONS = tuple(TaskOptions.model_fields)
+
+
+class TaskRef(TaskOptions):
+    """A builtin task (or its `+names` variant) with options: `{name: mts-summarization, max_input_tokens: 512}`."""
+
+    name: str
+
+
+class DataSplits(_Strict):
+    """One file (or hf: id) per split, instead of a seeded shuffle of one file. Any split may be left out: a
+    test-only task is fine for zero-shot; few-shot needs `train`, fine-tuning `train` and `dev`."""
+
+    train: Optional[str] = None
+    dev: Optional[str] = None
+    test: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not (self.train or self.dev or self.test):
+            raise ValueError("`data:` names no file; give at least `test: <file>`")
+        return self
+
+
+def _data_kind(v: Any) -> Optional[str]:
+    if isinstance(v, (str, dict, DataSplits)):
+        return "data-path" if isinstance(v, str) else "data-splits"
+    return None
+
+
+class TaskSpec(TaskOptions):
     """A task defined in the experiment file over a local CSV/JSONL/JSON/Parquet file or an HF dataset id."""
 
     name: str
-    data: str = Field(description="path (relative to the experiment file) or hf:<dataset id>[:<split>]")
+    data: Annotated[
+        Union[Annotated[str, Tag("data-path")], Annotated[DataSplits, Tag("data-splits")]],
+        Discriminator(_data_kind, custom_error_type="data_type",
+                      custom_error_message="`data:` should be a path or {train: …, dev: …, test: …}"),
+    ] = Field(description="path (relative to the experiment file) or hf:<dataset id>[:<split>]; or one per split: "
+              "{train: …, dev: …, test: …}")
     type: Literal["generate", "classify", "multiple_choice"]
     input: str = Field(description="Jinja2 template over the row's columns")
     target: str = Field(description="column holding the reference / label / gold choice")
@@ -98,6 +146,9 @@ class TaskSpec(_Strict):
     description: str = ""
     license: str = "unknown"
     split_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+    split_column: Optional[str] = Field(
+        None, description="column naming each row's split (train / dev / test; also training, validation, valid, "
+        "val, development, testing), instead of split_fractions")
     groups: list[str] = Field([], description="columns to break every metric down by (per group, worst group, gap)")
     label_aliases: dict[str, list[str]] = Field({}, description="classify: other phrasings that count as a label")
 
@@ -108,6 +159,44 @@ class TaskSpec(_Strict):
         if isinstance(v, list):
             return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v]
         return v
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self):
+        given = [w for w, on in (("split_fractions", "split_fractions" in self.model_fields_set),
+                                 ("split_column", self.split_column is not None),
+                                 ("data per split", isinstance(self.data, DataSplits))) if on]
+        if len(given) > 1:
+            raise ValueError(f"task '{self.name}' splits its data two ways ({' and '.join(given)}); keep one")
+        return self
+
+
+# A `tasks:` entry: a builtin task's name, a builtin task with options, or a task defined here. An entry with any
+# field only a defined task has (data, type, input, …) is read as a definition, so its errors name its fields.
+_SPEC_ONLY = frozenset(TaskSpec.model_fields) - frozenset(TaskRef.model_fields)
+
+
+def _task_kind(v: Any) -> Optional[str]:
+    if isinstance(v, str):
+        return "task-name"
+    if isinstance(v, TaskSpec) or (isinstance(v, dict) and _SPEC_ONLY & set(v)):
+        return "task-spec"
+    if isinstance(v, (dict, TaskRef)):
+        return "task-builtin"
+    return None
+
+
+TaskEntry = Annotated[
+    Union[Annotated[str, Tag("task-name")], Annotated[TaskRef, Tag("task-builtin")],
+          Annotated[TaskSpec, Tag("task-spec")]],
+    Discriminator(_task_kind, custom_error_type="task_entry",
+                  custom_error_message="a task entry should be a task name or a mapping with `name:`"),
+]
+_TAGS = {"task-name": str, "task-builtin": TaskRef, "task-spec": TaskSpec, "data-path": str,
+         "data-splits": DataSplits}
+
+
+def task_name(entry: Union[str, TaskRef, TaskSpec]) -> str:
+    return entry if isinstance(entry, str) else entry.name
 
 
 class GenerationSpec(_Strict):
@@ -165,7 +254,8 @@ class AdaptationSpec(_Strict):
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[ModelSpec] = Field(min_length=1)
-    tasks: list[Union[str, TaskSpec]] = Field(min_length=1)
+    tasks: list[TaskEntry] = Field(min_length=1)
+    task_defaults: TaskOptions = Field(TaskOptions(), description="options for every task (an entry's own win)")
     settings: list[str] = Field(["zero-shot"], min_length=1)
     limit: Optional[int] = Field(None, ge=1, description="test examples per task (the first N of the seeded split)")
     seed: int = SEED
@@ -188,17 +278,35 @@ class Experiment(_Strict):
     def _unique(self):
         for what, names in (
             ("model", [m.label for m in self.models]),
-            ("task", [t if isinstance(t, str) else t.name for t in self.tasks]),
+            ("task", [task_name(t) for t in self.tasks]),
             ("setting", self.settings),
         ):
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise ValueError(f"{what} listed twice: {', '.join(sorted(dup))}")
         self._check_adaptations()
+        self._check_task_options()
         return self
 
+    def task_options(self, name: str) -> TaskOptions:
+        """The options of task `name`: its entry's own fields over `task_defaults`."""
+        entry = next((t for t in self.tasks if task_name(t) == name), None)
+        own = {} if entry is None or isinstance(entry, str) else \
+            {k: getattr(entry, k) for k in TASK_OPTIONS if k in entry.model_fields_set}
+        defaults = {k: getattr(self.task_defaults, k) for k in self.task_defaults.model_fields_set}
+        return TaskOptions(**{**defaults, **own})
+
+    def _check_task_options(self) -> None:
+        for t in self.tasks:
+            if not isinstance(t, str) and "truncate" in t.model_fields_set and \
+                    self.task_options(t.name).max_input_tokens is None:
+                raise ValueError(f"task '{t.name}' sets `truncate` without `max_input_tokens`, so nothing is cut")
+        if "truncate" in self.task_defaults.model_fields_set and not any(
+                self.task_options(task_name(t)).max_input_tokens for t in self.tasks):
+            raise ValueError("task_defaults sets `truncate` but no task has `max_input_tokens`, so nothing is cut")
+
     def _check_adaptations(self) -> None:
-        tasks = [t if isinstance(t, str) else t.name for t in self.tasks]
+        tasks = [task_name(t) for t in self.tasks]
         models = {m.label: m for m in self.models} | {m.id: m for m in self.models}
         seen = set()
         for a in self.adaptations:
@@ -214,40 +322,81 @@ class Experiment(_Strict):
             seen.add((label, a.task))
 
     def config_hash(self) -> str:
-        """Hash of everything that determines results (not the display-only base_dir). An experiment without
-        adaptations hashes as it did before they existed."""
-        blob = json.dumps(self.model_dump(mode="json", exclude=None if self.adaptations else {"adaptations"}),
-                          sort_keys=True)
+        """Hash of everything that determines results (not the display-only base_dir). Fields added later hash
+        only when set, so an experiment that does not use them hashes as it did before they existed."""
+        data = self.model_dump(mode="json", exclude=None if self.adaptations else {"adaptations"})
+        if not self.task_defaults.model_fields_set:
+            data.pop("task_defaults")
+        for entry, dumped in zip(self.tasks, data["tasks"]):
+            if isinstance(dumped, dict):
+                for key in _LATER_TASK_FIELDS:
+                    if key not in entry.model_fields_set:
+                        dumped.pop(key, None)
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Names pydantic puts in an error's location for the member of a Union it tried (`tasks.0.str`, `tasks.0.TaskSpec`)
-_BRANCHES = {"str", "int", "float", "bool", "list[str]", "TaskSpec", "ModelSpec", "Price", "DPSpec"}
+_LATER_TASK_FIELDS = (*TASK_OPTIONS, "split_column")
 
 
-def _relevant(errors: list[dict]) -> list[dict]:
-    """For a Union field (a task is a name or a mapping), the errors of the branch the user meant: a mapping's
-    errors, not "should be a valid string"."""
-    def branch(e):
-        return next((str(p) for p in e["loc"] if str(p) in _BRANCHES), None)
+def _unwrap(t: Any) -> Any:
+    """Annotated[X, …] → X; Optional[X] → X (the one non-None member)."""
+    while True:
+        if get_origin(t) is Annotated:
+            t = get_args(t)[0]
+            continue
+        if get_origin(t) is Union:
+            members = [a for a in get_args(t) if a is not type(None)]
+            if len(members) == 1:
+                t = members[0]
+                continue
+        return t
 
-    deeper = [e for e in errors if branch(e) not in (None, "str", "int", "float", "bool", "list[str]")]
-    plain = [e for e in errors if branch(e) is None]
-    return plain or deeper or errors
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys the experiment file allows at `loc` (the location of the mapping that holds an unknown key)."""
+    t: Any = Experiment
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(part, str) and part in _TAGS:
+            t = _TAGS[part]
+        elif isinstance(part, int) and get_origin(t) in (list, tuple):
+            t = get_args(t)[0]
+        elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
+            t = t.model_fields[part].annotation
+        else:
+            return []
+    t = _unwrap(t)
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return [name for name, f in t.model_fields.items() if not f.exclude]
+    return []
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    errors = _relevant(err.errors())
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]
-                   if not str(p).startswith(("function-", "union")) and str(p) not in _BRANCHES)
+def _loc_text(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in _TAGS and not str(p).startswith(("function-", "union")))
+
+
+def _format_validation_error(err: ValidationError) -> tuple[str, str]:
+    """(message, hint) for the first error; an unknown key gets the closest allowed key of its mapping."""
+    hint = "see the experiment file format in the README"
+    first = err.errors()[0]
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        *where, key = first["loc"]
+        loc = _loc_text(tuple(where))
+        at = f" at '{loc}'" if loc else ""
+        allowed = _fields_at(tuple(where))
+        suggestion = did_you_mean(key, allowed)
+        if not suggestion and allowed:
+            suggestion = f"keys allowed here: {', '.join(allowed)}; "
+        return f"invalid experiment file: unknown key '{key}'{at}{extra}", suggestion + hint
+    loc = _loc_text(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "string_type" and isinstance(first.get("input"), (bool, int, float)):
         kind = {"bool": "a boolean", "int": "a number", "float": "a number"}[type(first["input"]).__name__]
         msg += f" (YAML read {first['input']!r} as {kind}: quote it, e.g. '{first['input']}')"
     where = f"at '{loc}'" if loc else "at the top level"
-    extra = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"invalid experiment file {where}: {msg}{extra}"
+    return f"invalid experiment file {where}: {msg}{extra}", hint
 
 
 def parse_experiment(data: object, base_dir: Path = Path(".")) -> Experiment:
@@ -256,7 +405,7 @@ def parse_experiment(data: object, base_dir: Path = Path(".")) -> Experiment:
     try:
         return Experiment(**data, base_dir=base_dir)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e), "see the experiment file format in the README") from None
+        raise ConfigError(*_format_validation_error(e)) from None
     except TypeError as e:  # e.g. a key that is not a string
         raise ConfigError(f"invalid experiment file: {e}", "see the experiment file format in the README") from None
 

@@ -6,7 +6,8 @@
     adapt     each adaptation (fine-tuning today; distillation and prompt compilation plug in through the same
               interface, adapt/adaptation.py) prints its estimate, then runs or reuses an identical result;
     plan      the runs of the adapted models join the model × task × setting grid;
-    evaluate  every run through the generation cache (engine/runner.py), results stored as each run finishes;
+    evaluate  first a line with the runs and requests ahead ("N runs, M requests (K cached, …)"), then every run
+              through the generation cache (engine/runner.py), results stored as each run finishes;
     report    the markdown report, from the database alone.
 
 `run_experiment(path_or_experiment, db=…, limit=…)` returns `Results` (labscale/results.py): scores with CIs per
@@ -59,6 +60,7 @@ def _stderr(msg: str) -> None:
 def validate(exp: Experiment, limit: int | None = None, status: Callable | None = None) -> Validated:
     """Phase 1: resolve and check everything; raises LabscaleError before any work is done."""
     from labscale.adapt.experiment import finetune_adaptations
+    from labscale.config import task_name
     from labscale.engine.plan import check_prices, plan_run, skipped_models
     from labscale.models.registry import resolve_model
     from labscale.settings.setting import check_shots, parse_setting
@@ -73,7 +75,7 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped]
     skipped_labels = {spec.label for spec, _ in skipped}
     settings = [parse_setting(s) for s in exp.settings]
-    tasks = [get_task(t, exp.base_dir, exp.tasks) for t in exp.tasks]
+    tasks = [get_task(t, exp.base_dir, exp.tasks, exp.task_options(task_name(t))) for t in exp.tasks]
     for task in tasks:
         for setting in settings:
             check_shots(task, setting)
@@ -109,6 +111,22 @@ def plan(v: Validated, adapted: list) -> list:
                       for a in adapted]
 
 
+def warnings(plans: list) -> list[str]:
+    """One line per task and budget whose max_new_tokens is far below the references (RunPlan.output_budget)."""
+    groups: dict[tuple, list] = {}
+    for p in plans:
+        if p.output_budget:
+            groups.setdefault((p.task.name, p.output_budget["field"], p.output_budget["max_new_tokens"]), []).append(p)
+    lines = []
+    for (task, knob, budget), ps in groups.items():
+        median = max(p.output_budget["median_target_tokens"] for p in ps)
+        runs = ", ".join(dict.fromkeys(f"{p.model.label} · {p.setting.name}" for p in ps))
+        lines.append(f"task '{task}': {knob}={budget} is under a quarter of the median reference length "
+                     f"({median} tokens) in {len(ps)} run(s) ({runs}): outputs will be cut short and scores "
+                     f"understate the models — raise generation.{knob} (e.g. to {median + median // 4})")
+    return lines
+
+
 def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = None, limit: int | None = None,
                    say: Say = _stderr, console=None) -> Results:
     """Run (or resume) an experiment and write its report; returns its results.
@@ -140,6 +158,8 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     plans = plan(v, adapted)
     if adapted:
         say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
+    for line in warnings(plans):
+        say(f"warning: {line}")
     store = open_store(db)  # only now: bad input leaves the database untouched
     stopped: LabscaleError | None = None
     runner = None
@@ -150,6 +170,9 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
         exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, environment(),
                                         [p.record() for p in plans], v.notices)
         runner = Runner(store, console, exp.bootstrap_samples, exp.cost_limit)
+        estimate = runner.estimate(plans)
+        requests, cached = sum(n for n, _ in estimate), sum(c for _, c in estimate)
+        say(f"evaluate: {len(plans)} runs, {requests} requests ({cached} cached, {requests - cached} to make)")
         try:
             runner.run_all(plans)
             store.finish_experiment(exp_id)

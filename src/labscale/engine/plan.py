@@ -7,13 +7,20 @@ so bad input never leaves a half-written database behind.
 
 Context rule: a prompt whose tokens plus the generation budget (max_new_tokens; cot_max_new_tokens for cot) exceed
 the model's context length — or, for log-likelihood scoring, whose context plus longest choice does — is an
-error naming the example. labscale never truncates a prompt silently.
+error that counts the examples that do not fit, names the first few, and says which max_input_tokens would make
+them fit. labscale never truncates a prompt silently: only a task's explicit `max_input_tokens` cuts inputs
+(settings/truncate.py), and each run records how many it cut (`input_limit` in its task info).
+
+Output budget: on a generate task, a max_new_tokens under a quarter of the median reference length (in the model's
+tokens, over the run's test examples) is recorded with the run (`output_budget`) and warned about.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
+from typing import Callable
 
 from labscale.answers import ANSWER_PARSER_VERSION
 from labscale.config import Experiment, ModelSpec
@@ -28,7 +35,9 @@ from labscale.settings.setting import (
     loglikelihood_prompt,
     parse_setting,
     protocol_for,
+    select_shots,
 )
+from labscale.settings.truncate import cut_input
 from labscale.tasks.base import Task
 from labscale.example import Example
 
@@ -58,6 +67,7 @@ class Item:
     prompt: str
     tokens: int  # prompt tokens (context tokens for log-likelihood)
     continuations: list[str] = field(default_factory=list)  # log-likelihood protocol only
+    truncated: bool = False  # its input was cut to the task's max_input_tokens
 
 
 @dataclass
@@ -71,10 +81,23 @@ class RunPlan:
     decoding: DecodingParams
     items: list[Item]
     seed: int
+    output_budget: dict | None = None  # set when max_new_tokens is far below the references (_output_budget)
 
     @property
     def label(self) -> str:
         return f"{self.model.label} · {self.task.name} · {self.setting.name}"
+
+    @property
+    def requests(self) -> int:
+        """Model requests of this run (one per example; one per choice for log-likelihood)."""
+        return sum(max(1, len(it.continuations)) for it in self.items)
+
+    def input_limit(self) -> dict | None:
+        """The task's max_input_tokens and how many of this run's test inputs it cut, or None without it."""
+        if self.task.max_input_tokens is None:
+            return None
+        return {"max_input_tokens": self.task.max_input_tokens, "truncate": self.task.truncate,
+                "truncated": sum(it.truncated for it in self.items), "of": len(self.items)}
 
     def record(self) -> dict:
         """The run row the store keeps (everything but results)."""
@@ -82,7 +105,10 @@ class RunPlan:
         return {
             "id": self.id, "task": self.task.name, "model": self.model.label, "model_fingerprint": info.fingerprint,
             "setting": self.setting.name, "protocol": self.protocol, "n_examples": len(self.items), "seed": self.seed,
-            "decoding": self.decoding.key(), "task_info": {**self.task.info(), "labels": list(self.task.labels)},
+            "decoding": self.decoding.key(), "task_info": {
+                **self.task.info(), "labels": list(self.task.labels),
+                **({"input_limit": self.input_limit()} if self.input_limit() else {}),
+                **({"output_budget": self.output_budget} if self.output_budget else {})},
             "model_info": {**asdict(info), "spec": self.model.model_dump()},
         }
 
@@ -94,29 +120,78 @@ def _decoding(exp: Experiment, setting: Setting) -> DecodingParams:
                           seed=exp.seed)
 
 
+def _fit(task: Task, backend: ModelBackend) -> Callable[[Example], Example]:
+    """Each example with its input cut to the task's max_input_tokens for this model (as is without the option)."""
+    if task.max_input_tokens is None:
+        return lambda ex: ex
+
+    def fit(ex: Example) -> Example:
+        cut = cut_input(backend, ex.input, task.max_input_tokens, task.truncate)
+        return ex if cut is None else replace(ex, input=cut)
+
+    return fit
+
+
+_NAMED = 3  # examples named in a context error
+
+
 def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, examples: list[Example],
            seed: int, budget: int) -> list[Item]:
-    items = []
+    items, misfits = [], []
     ctx = backend.info.context_length
+    fit = _fit(task, backend)
     for ex in examples:
         if protocol == "loglikelihood":
-            prompt, continuations = loglikelihood_prompt(task, setting, ex, seed)
+            prompt, continuations = loglikelihood_prompt(task, setting, ex, seed, fit)
             tokens = backend.count_tokens(prompt)
             need = tokens + max(backend.count_tokens(c) for c in continuations)
-            what = "context plus its longest choice"
         else:
-            prompt, continuations = backend.render(chat_prompt(task, setting, ex, seed)), []
+            prompt, continuations = backend.render(chat_prompt(task, setting, ex, seed, fit)), []
             tokens = backend.count_tokens(prompt)
             need = tokens + budget
-            what = f"prompt plus max_new_tokens={budget}"
         if need > ctx:
-            raise ModelError(
-                f"example '{ex.id}' of task '{task.name}' ({setting.name}) needs {need} tokens ({what}) but "
-                f"model '{backend.info.name}' has a context of {ctx}",
-                "use fewer shots, a lower max_new_tokens, shorter inputs, or a model with a longer context",
-            )
-        items.append(Item(ex, prompt, tokens, continuations))
+            misfits.append((ex, need))
+        items.append(Item(ex, prompt, tokens, continuations, truncated=fit(ex) is not ex))
+    if misfits:
+        raise _context_error(task, setting, protocol, backend, budget, len(examples), misfits, fit, seed)
     return items
+
+
+def _context_error(task: Task, setting: Setting, protocol: str, backend: ModelBackend, budget: int, n: int,
+                   misfits: list[tuple[Example, int]], fit, seed: int) -> ModelError:
+    """How many examples do not fit, the first few by name, and the max_input_tokens that would make them fit."""
+    ctx = backend.info.context_length
+    what = "context plus its longest choice" if protocol == "loglikelihood" else f"prompt plus max_new_tokens={budget}"
+    named = ", ".join(f"'{ex.id}' ({need})" for ex, need in misfits[:_NAMED])
+    more = f", … ({len(misfits) - _NAMED} more)" if len(misfits) > _NAMED else ""
+    # Room for each input (the test input and one per shot): the context less what the rest of the prompt needs,
+    # shared by the inputs; the worst of the misfits decides.
+    room = min((ctx - need + sum(backend.count_tokens(fit(x).input) for x in inputs)) // len(inputs)
+               for ex, need in misfits for inputs in [[*select_shots(task, setting, ex, seed), ex]])
+    if task.max_input_tokens is None:
+        fix = (f"set `max_input_tokens: {room}` on the task to cut long inputs (see README), " if room > 0 else "") + \
+            "use fewer shots, a lower max_new_tokens, or a model with a longer context"
+    else:
+        fix = (f"lower the task's max_input_tokens to {room}, " if 0 < room < task.max_input_tokens else "") + \
+            "use fewer shots, a lower max_new_tokens, or a model with a longer context"
+    return ModelError(
+        f"{len(misfits)} of {n} examples of task '{task.name}' ({setting.name}) do not fit model "
+        f"'{backend.info.name}', which has a context of {ctx} tokens; tokens needed ({what}): {named}{more}", fix)
+
+
+BUDGET_RATIO = 4  # warn when max_new_tokens is under 1/4 of the median reference length
+
+
+def _output_budget(task: Task, protocol: str, backend: ModelBackend, examples: list[Example],
+                   budget: int) -> dict | None:
+    """For a generate task: the median reference length in the model's tokens, when max_new_tokens is under a
+    quarter of it (outputs would be cut short, and scores understate the model); None otherwise."""
+    if task.type != "generate" or protocol != "generate" or not examples:
+        return None
+    median = int(statistics.median(backend.count_tokens(ex.target) for ex in examples))
+    if budget * BUDGET_RATIO >= median:
+        return None
+    return {"max_new_tokens": budget, "median_target_tokens": median}
 
 
 def skipped_models(exp: Experiment) -> list[tuple[ModelSpec, str]]:
@@ -155,7 +230,8 @@ def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task
     protocol = protocol_for(task, setting, backend.info.supports_loglikelihood)
     decoding = _decoding(exp, setting)
     items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens)
-    run_id = sha({
+    limit = {"input_limit": [task.max_input_tokens, task.truncate]} if task.max_input_tokens else {}
+    run_id = sha({**limit,
         "format": PROMPT_FORMAT_VERSION, "parser": ANSWER_PARSER_VERSION, "model": spec.label,
         "fingerprint": backend.info.fingerprint,
         "task": task.name, "task_type": task.type, "metrics": task.metrics, "setting": setting.name,
@@ -163,4 +239,7 @@ def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task
         "bootstrap": exp.bootstrap_samples,
         "items": sha([(it.example.id, it.prompt, it.continuations, it.example.target) for it in items]),
     })[:16]
-    return RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed)
+    budget = _output_budget(task, protocol, backend, test_set, decoding.max_new_tokens)
+    if budget:
+        budget["field"] = "cot_max_new_tokens" if setting.kind == "cot" else "max_new_tokens"
+    return RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed, budget)

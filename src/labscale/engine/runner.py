@@ -42,6 +42,65 @@ def _chunks(seq: list, size: int):
         yield seq[i : i + size]
 
 
+PLAIN_INTERVAL_S = 30.0  # seconds between plain progress lines of one run
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class PlainProgress:
+    """Progress for a stderr that is not a terminal: one line when a run starts, one every PLAIN_INTERVAL_S
+    seconds while it runs (done/total examples, rate, ETA), and one when it ends. The part of `rich.progress
+    .Progress` the runner uses (add_task, advance, a context manager)."""
+
+    def __init__(self, console: Console, n_runs: int):
+        self.console = console
+        self.n_runs = n_runs
+        self.runs: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def _say(self, run: dict, text: str) -> None:
+        self.console.print(f"evaluate [{run['index']}/{self.n_runs}] {run['label']}: {text}", markup=False,
+                           highlight=False, soft_wrap=True)
+
+    def add_task(self, description: str, total: int, completed: int = 0) -> int:
+        now = time.monotonic()
+        run = {"index": len(self.runs) + 1, "label": description, "total": total, "done": completed,
+               "started": now, "last": now, "base": None, "base_t": now}
+        self.runs.append(run)
+        if completed >= total:
+            self._say(run, f"{completed}/{total} examples")
+        else:
+            self._say(run, f"{completed}/{total} examples, starting")
+        return len(self.runs) - 1
+
+    def advance(self, task_id: int, n: int) -> None:
+        run = self.runs[task_id]
+        run["done"] += n
+        now = time.monotonic()
+        if run["base"] is None:  # the first advance is what the cache already held: rates count from here
+            run["base"], run["base_t"] = run["done"], now
+        done, total = run["done"], run["total"]
+        if done >= total:
+            self._say(run, f"{done}/{total} examples, done in {_duration(now - run['started'])}")
+        elif now - run["last"] >= PLAIN_INTERVAL_S:
+            run["last"] = now
+            made, elapsed = done - run["base"], now - run["base_t"]
+            rate = made / elapsed if elapsed > 0 and made > 0 else None
+            eta = f", ETA {_duration((total - done) / rate)}" if rate else ""
+            per_s = f"{rate:.2f}/s" if rate else "rate n/a"
+            self._say(run, f"{done}/{total} examples ({per_s}{eta})")
+
+
 class Runner:
     def __init__(self, store: Store, console: Console | None = None, bootstrap_samples: int = 1000,
                  cost_limit: float | None = None):
@@ -54,15 +113,42 @@ class Runner:
         self.loglikelihoods = Counts()
         self.cap = SpendingCap(cost_limit)
 
+    def estimate(self, plans: list[RunPlan]) -> list[tuple[int, int]]:
+        """(requests, of them already cached) per run, before any work: what `run_all` will ask the models."""
+        out = []
+        for plan in plans:
+            n = plan.requests
+            if self._stored(plan):
+                out.append((n, n))
+                continue
+            fp = plan.backend.info.fingerprint
+            if plan.protocol == "loglikelihood":
+                keys = [loglikelihood_key(fp, it.prompt, c) for it in plan.items for c in it.continuations]
+                have = self.store.cached_loglikelihoods(keys)
+            else:
+                params = plan.decoding.key()
+                keys = [generation_key(fp, it.prompt, params) for it in plan.items]
+                have = self.store.cached_generations(keys)
+            out.append((n, sum(k in have for k in keys)))
+        return out
+
+    def _stored(self, plan: RunPlan) -> bool:
+        return self.store.run_status(plan.id) == "complete" and not self.store.run_failures(plan.id)
+
     def run_all(self, plans: list[RunPlan]) -> None:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.console, transient=False,
-        ) as progress:
+        """Every run, with a rich progress bar on a terminal and plain periodic lines otherwise (CI logs, a pipe)."""
+        if self.console.is_terminal:
+            progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self.console, transient=False,
+            )
+        else:
+            progress = PlainProgress(self.console, len(plans))
+        with progress:
             for i, plan in enumerate(plans):
-                if self.store.run_status(plan.id) == "complete" and not self.store.run_failures(plan.id):
+                if self._stored(plan):
                     counts = self.loglikelihoods if plan.protocol == "loglikelihood" else self.generations
-                    counts.cached += sum(max(1, len(it.continuations)) for it in plan.items)
+                    counts.cached += plan.requests
                     progress.add_task(f"{plan.label} (stored)", total=len(plan.items), completed=len(plan.items))
                 else:
                     bar = progress.add_task(plan.label, total=len(plan.items))

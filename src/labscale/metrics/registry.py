@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from labscale.errors import ConfigError
+from labscale.errors import ConfigError, did_you_mean
 from labscale.metrics import abstention, bias, classification, counterfactual, matching, multiple_choice, text
 from labscale.metrics.base import Metric
 
@@ -18,4 +18,5 @@ def get_metric(name: str) -> Metric:
     try:
         return _METRICS[name]
     except KeyError:
-        raise ConfigError(f"unknown metric '{name}'", f"use one of: {', '.join(_METRICS)}") from None
+        raise ConfigError(f"unknown metric '{name}'",
+                          f"{did_you_mean(name, _METRICS)}use one of: {', '.join(_METRICS)}") from None

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from labscale.errors import ConfigError, ModelError
+from labscale.errors import ConfigError, ModelError, closest
 from labscale.home import labscale_home
 from labscale.models.fingerprint import sha256_bytes
 
@@ -120,7 +120,9 @@ def _get(name: str) -> EmbeddedModel:
         return EMBEDDED[name]
     except KeyError:
         raise ConfigError(
-            f"unknown embedded model '{name}'", f"known embedded models: {', '.join(sorted(EMBEDDED))}"
+            f"unknown embedded model '{name}'",
+            (f"did you mean 'embedded:{close}'? " if (close := closest(name, EMBEDDED)) else "")
+            + f"known embedded models: {', '.join(sorted(EMBEDDED))}"
         ) from None
 
 

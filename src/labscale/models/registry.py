@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from labscale.config import API_FIELDS, ModelSpec
-from labscale.errors import ConfigError, ModelError
+from labscale.errors import ConfigError, ModelError, closest
 from labscale.models.base import ModelBackend
 
 Factory = Callable[[ModelSpec, str], ModelBackend]  # (spec, the id after the prefix) -> backend
@@ -74,8 +74,10 @@ def _entry(spec: ModelSpec) -> tuple[Backend, str]:
     prefix, sep, rest = spec.id.partition(":")
     entry = FACTORIES.get(prefix) if sep else None
     if entry is None:
+        close = closest(prefix, FACTORIES) if sep else None
         raise ConfigError(
             f"unknown model '{spec.id}'",
+            (f"did you mean '{close}:{rest}'? " if close else "") +
             "use embedded:<name> (see `labscale models`), hf:<hub id or local path>, adapter:<folder> or "
             "openai:<API model>",
         )

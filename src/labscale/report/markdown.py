@@ -95,6 +95,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
             n = row_runs[0].row["n_examples"] if row_runs else 0
             rows.append([f"{task} ({label}{note}, n={n})", *cells])
         lines += table(["task (main metric)", *models], rows)
+        lines += caveats([r for r in runs if r.setting == setting], with_task=True)
 
     lines += ["## Full metrics by task", ""]
     for task in tasks:
@@ -103,6 +104,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
         lines += [f"### {task}", ""]
         if info.get("notes"):
             lines += ["Data: " + "; ".join(f"{k}: {_note(v)}" for k, v in info["notes"].items()) + ".", ""]
+        lines += caveats([r for r in runs if r.task == task], with_task=False)
         rows = []
         for m in models:
             for setting in settings:
@@ -185,6 +187,24 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
               "- Every prediction, exact prompt and generation is in the database (tables `predictions`, "
               "`generations`, `loglikelihoods`); run ids: " + ", ".join(f"`{r.id}`" for r in runs) + ".", ""]
     return "\n".join(lines)
+
+
+def caveats(runs: list[StoredRun], with_task: bool) -> list[str]:
+    """What a reader must know beside a run's scores, from its stored task info: inputs cut to max_input_tokens
+    ("12 of 40 inputs truncated") and a max_new_tokens far below the references' length."""
+    out = []
+    for r in runs:
+        where = f"{r.model} · {r.task} · {r.setting}" if with_task else f"{r.model} · {r.setting}"
+        limit, budget = r.task_info.get("input_limit"), r.task_info.get("output_budget")
+        if limit:
+            out.append(f"- {where}: {limit['truncated']} of {limit['of']} inputs truncated "
+                       f"(max_input_tokens={limit['max_input_tokens']}, cut at the {limit['truncate']}).")
+        if budget:
+            out.append(f"- {where}: **warning** — {budget.get('field', 'max_new_tokens')}={budget['max_new_tokens']} "
+                       "is under a quarter of the "
+                       f"median reference length ({budget['median_target_tokens']} tokens): outputs were cut short, so "
+                       "the scores understate the model.")
+    return out + [""] if out else []
 
 
 def _note(value) -> str:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Callable
 
-from labscale.errors import ConfigError, DataError
+from labscale.errors import ConfigError, DataError, did_you_mean
 from labscale.models.base import Message
 from labscale.tasks.base import Task
 from labscale.example import LETTERS, Example
@@ -41,13 +42,32 @@ class Setting:
     shots: int = 0
 
 
+_NUMBERS = {w: i for i, w in enumerate("one two three four five six seven eight nine ten".split(), 1)}
+
+
 def parse_setting(name: str) -> Setting:
     if name in ("zero-shot", "cot"):
         return Setting(name, name)
     m = re.fullmatch(r"few-shot:(\d+)", name)
     if m and int(m.group(1)) >= 1:
         return Setting(name, "few-shot", int(m.group(1)))
-    raise ConfigError(f"unknown setting '{name}'", "use zero-shot, few-shot:K (K >= 1) or cot")
+    raise ConfigError(f"unknown setting '{name}'", f"{_suggest_setting(name)}use zero-shot, few-shot:K (K >= 1) or cot")
+
+
+def _suggest_setting(name: object) -> str:
+    """"did you mean …? " for a misspelt setting: few-shot:K from "3-shot", "fewshot:3", "three-shot", …"""
+    if not isinstance(name, str):
+        return ""
+    m = re.fullmatch(r"(?:few[-_ ]?shots?[-_: =]*)?(\d+|[a-z]+)[-_ ]?shots?|few[-_ ]?shots?[-_: =]*(\d+)",
+                     name.strip().lower())
+    if m:
+        k = m.group(1) or m.group(2)
+        k = int(k) if k.isdigit() else _NUMBERS.get(k)
+        if k == 0:
+            return "did you mean 'zero-shot'? "
+        if k:
+            return f"did you mean 'few-shot:{k}'? "
+    return did_you_mean(name, ["zero-shot", "cot", "few-shot:1"])
 
 
 def protocol_for(task: Task, setting: Setting, supports_loglikelihood: bool) -> str:
@@ -60,6 +80,12 @@ def protocol_for(task: Task, setting: Setting, supports_loglikelihood: bool) -> 
 def check_shots(task: Task, setting: Setting) -> None:
     if setting.shots:
         n_train = len(task.splits["train"])
+        if n_train == 0:
+            raise DataError(
+                f"{setting.name} needs {setting.shots} examples but task '{task.name}' has no train split",
+                "use zero-shot, or give the task train data (e.g. `data: {train: train.jsonl, test: test.jsonl}`, "
+                "or train rows in its split column)",
+            )
         if setting.shots > n_train:
             raise DataError(
                 f"{setting.name} needs {setting.shots} examples but task '{task.name}' has only {n_train} in its train split",
@@ -106,24 +132,35 @@ def _answer_text(task: Task, example: Example, mc_letters: bool) -> str:
     return LETTERS[example.gold] if mc_letters else example.target
 
 
-def chat_prompt(task: Task, setting: Setting, example: Example, seed: int) -> list[Message]:
-    """Messages for the generative protocol (generate, classify, and lettered multiple choice)."""
+Fit = Callable[[Example], Example]  # e.g. the input cut to max_input_tokens (settings/truncate.py)
+
+
+def _as_is(example: Example) -> Example:
+    return example
+
+
+def chat_prompt(task: Task, setting: Setting, example: Example, seed: int, fit: Fit = _as_is) -> list[Message]:
+    """Messages for the generative protocol (generate, classify, and lettered multiple choice). `fit` maps each
+    example (the test example and every shot) before its input goes into the prompt."""
     mc = task.type == "multiple_choice"
     messages: list[Message] = []
     for shot in select_shots(task, setting, example, seed):
+        shot = fit(shot)
         messages.append({"role": "user", "content": _user_text(task, shot, mc)})
         messages.append({"role": "assistant", "content": _answer_text(task, shot, mc)})
-    text = _user_text(task, example, mc)
+    text = _user_text(task, fit(example), mc)
     if setting.kind == "cot":
         text = f"{text}\n\n{COT_SUFFIX}"
     messages.append({"role": "user", "content": text})
     return messages
 
 
-def loglikelihood_prompt(task: Task, setting: Setting, example: Example, seed: int) -> tuple[str, list[str]]:
-    """(context, continuations) in lm-evaluation-harness's format."""
+def loglikelihood_prompt(task: Task, setting: Setting, example: Example, seed: int,
+                         fit: Fit = _as_is) -> tuple[str, list[str]]:
+    """(context, continuations) in lm-evaluation-harness's format; `fit` as for chat_prompt."""
     blocks = [
-        f"{s.input}{task.target_delimiter}{s.choices[s.gold]}" for s in select_shots(task, setting, example, seed)
+        f"{s.input}{task.target_delimiter}{s.choices[s.gold]}"
+        for s in map(fit, select_shots(task, setting, example, seed))
     ]
-    context = task.fewshot_delimiter.join([*blocks, example.input])
+    context = task.fewshot_delimiter.join([*blocks, fit(example).input])
     return context, [f"{task.target_delimiter}{c}" for c in example.choices]

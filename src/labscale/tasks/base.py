@@ -42,6 +42,12 @@ class Task:
     label_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Facts about how the data was built that a reader of the report needs (e.g. blocking recall); JSON-able.
     notes: dict = field(default_factory=dict)
+    # The split the data itself puts an example in ("train" | "dev" | "test": files per split, a split column);
+    # None: the seeded `split_fractions` shuffle decides.
+    split_by: Callable[[Example], str] | None = field(default=None, repr=False)
+    # Opt-in input truncation (settings/truncate.py): each example's input cut to this many tokens of the model.
+    max_input_tokens: int | None = None
+    truncate: Literal["middle", "end"] = "middle"
 
     def __post_init__(self) -> None:
         from labscale.metrics.registry import get_metric  # lazy: metrics import this module
@@ -66,14 +72,28 @@ class Task:
             raise DataError(f"task '{self.name}' has duplicate example ids", "give every row a unique id")
         return examples
 
-    @cached_property
-    def splits(self) -> dict[str, list[Example]]:
-        """Shuffle groups with `split_seed` and cut them by `split_fractions`; example order inside a split is seeded too."""
+    def _shuffled_groups(self, examples: list[Example]) -> tuple[list[str], dict[str, list[Example]]]:
         groups: dict[str, list[Example]] = {}
-        for ex in self.examples:
+        for ex in examples:
             groups.setdefault(ex.group or ex.id, []).append(ex)
         keys = sorted(groups)
         random.Random(self.split_seed).shuffle(keys)
+        return keys, groups
+
+    @cached_property
+    def splits(self) -> dict[str, list[Example]]:
+        """Shuffle groups with `split_seed` and cut them by `split_fractions`; example order inside a split is seeded
+        too. Where the data names each example's split (`split_by`), that split holds, in a seeded order."""
+        if self.split_by is not None:
+            named: dict[str, list[Example]] = {name: [] for name in SPLITS}
+            for ex in self.examples:
+                named[self.split_by(ex)].append(ex)
+            out = {}
+            for name, examples in named.items():
+                keys, groups = self._shuffled_groups(examples)
+                out[name] = [ex for k in keys for ex in groups[k]]
+            return out
+        keys, groups = self._shuffled_groups(self.examples)
         n = len(keys)
         n_train = round(n * self.split_fractions[0])
         n_dev = round(n * self.split_fractions[1])
@@ -88,6 +108,7 @@ class Task:
         if not examples:
             raise DataError(
                 f"task '{self.name}' has an empty {name} split ({len(self.examples)} examples in all)",
+                f"add a {name} file under `data:` (or {name} rows in its split column)" if self.split_by else
                 "add data or change the task's split fractions",
             )
         return examples if limit is None else examples[:limit]
@@ -107,4 +128,7 @@ class Task:
             **({"group_fields": list(self.group_fields)} if self.group_fields else {}),
             **({"label_aliases": {k: list(v) for k, v in self.label_aliases.items()}} if self.label_aliases else {}),
             **({"notes": self.notes} if self.notes else {}),
+            **({"split_by": "data"} if self.split_by else {}),
+            **({"max_input_tokens": self.max_input_tokens, "truncate": self.truncate}
+               if self.max_input_tokens else {}),
         }

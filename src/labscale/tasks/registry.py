@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
-from labscale.config import TaskSpec
-from labscale.errors import ConfigError
+from labscale.config import TASK_OPTIONS, TaskOptions, TaskRef, TaskSpec, task_name
+from labscale.errors import ConfigError, did_you_mean
 from labscale.tasks.base import Task
 from labscale.tasks.counterfactual import SUFFIX, counterfactual_task
 from labscale.tasks.user import task_from_spec
@@ -27,13 +28,27 @@ def _builtin(name: str) -> Task:
     return importlib.import_module(f"labscale.tasks.{BUILTIN_TASKS[name]}").make_task()
 
 
-def get_task(entry: str | TaskSpec, base_dir: Path, specs: list[str | TaskSpec] = ()) -> Task:
+def get_task(entry: str | TaskRef | TaskSpec, base_dir: Path, specs: list[str | TaskRef | TaskSpec] = (),
+             options: TaskOptions | None = None) -> Task:
     """A builtin task by name, or a user task from its spec (data paths resolve against `base_dir`).
 
     `<task>+names` is the counterfactual name-swap variant of a builtin task or of a task defined in `specs`
-    (the experiment's task list)."""
-    if isinstance(entry, str) and entry.endswith(SUFFIX):
-        base = entry[: -len(SUFFIX)]
+    (the experiment's task list). `options` (Experiment.task_options: the entry's own over task_defaults) default
+    to the entry's own."""
+    task = _get_task(entry, base_dir, specs)
+    if options is None:
+        own = {} if isinstance(entry, str) else \
+            {k: getattr(entry, k) for k in entry.model_fields_set & set(TASK_OPTIONS)}
+        options = TaskOptions(**own)
+    if options.max_input_tokens is None:
+        return task
+    return replace(task, max_input_tokens=options.max_input_tokens, truncate=options.truncate)
+
+
+def _get_task(entry: str | TaskRef | TaskSpec, base_dir: Path, specs) -> Task:
+    name = task_name(entry)
+    if name.endswith(SUFFIX):
+        base = name[: -len(SUFFIX)]
         defined = {s.name: s for s in specs if isinstance(s, TaskSpec)}
         return counterfactual_task(get_task(defined.get(base, base), base_dir))
     if isinstance(entry, TaskSpec):
@@ -43,13 +58,14 @@ def get_task(entry: str | TaskSpec, base_dir: Path, specs: list[str | TaskSpec] 
                 "give the task defined in the experiment file another name",
             )
         return task_from_spec(entry, base_dir)
-    if entry not in BUILTIN_TASKS:
+    if name not in BUILTIN_TASKS:
+        defined = [s.name for s in specs if isinstance(s, TaskSpec)]
         raise ConfigError(
-            f"unknown task '{entry}'",
-            f"use one of: {', '.join(BUILTIN_TASKS)}, or define it in the experiment file (see README); "
-            f"add '{SUFFIX}' for its counterfactual name swaps",
+            f"unknown task '{name}'",
+            f"{did_you_mean(name, [*BUILTIN_TASKS, *defined])}use one of: {', '.join(BUILTIN_TASKS)}, or define it "
+            f"in the experiment file (see README); add '{SUFFIX}' for its counterfactual name swaps",
         )
-    return _builtin(entry)
+    return _builtin(name)
 
 
 def list_tasks() -> list[Task]:

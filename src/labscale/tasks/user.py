@@ -8,6 +8,11 @@
         target: category
         labels: [billing, bug, other]
 
+The split: a seeded shuffle of the one file cut by `split_fractions` (default 60/10/30); or the data names it,
+either one file per split (`data: {train: a.jsonl, dev: b.jsonl, test: c.jsonl}`, any may be left out; default ids
+are `<split>-<row>`) or a column (`split_column: split`, values train / dev / test, SPLIT_NAMES lists synonyms such
+as validation). Either way the order inside a split is seeded, so `limit` takes a seeded sample.
+
 Everything that can be checked without reading the data (template syntax, labels, metric names) is checked when
 the task is built; columns and values are checked when the data is loaded, naming the column or value at fault.
 """
@@ -22,10 +27,10 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
-from labscale.config import TaskSpec
+from labscale.config import DataSplits, TaskSpec
 from labscale.data.files import is_missing, read_source
-from labscale.errors import ConfigError, DataError
-from labscale.tasks.base import Task
+from labscale.errors import ConfigError, DataError, did_you_mean
+from labscale.tasks.base import SPLITS, Task
 from labscale.example import LETTERS, Example
 
 DEFAULT_METRICS: dict[str, list[str]] = {
@@ -113,6 +118,76 @@ def _gold_index(value: Any, choices: list[str], column: str, where: str) -> int:
     )
 
 
+SPLIT_NAMES = {"train": "train", "training": "train", "dev": "dev", "development": "dev", "validation": "dev",
+               "valid": "dev", "val": "dev", "test": "test", "testing": "test"}
+
+
+def split_name(value: Any, column: str, where: str) -> str:
+    """A split column's value as a split: train / dev / test (case-insensitive; SPLIT_NAMES lists the synonyms)."""
+    text = _text(value).strip()
+    split = SPLIT_NAMES.get(text.lower())
+    if split is None:
+        raise DataError(f"{where}: split column '{column}' holds {text!r}, which is not a split",
+                        "use train, dev (or validation) or test")
+    return split
+
+
+def did_you_mean_column(column: str, columns: list[str]) -> str:
+    suggestion = did_you_mean(column, columns)
+    return f"; {suggestion.strip()}" if suggestion else ""
+
+
+def _sources(spec: TaskSpec) -> list[tuple[str | None, str]]:
+    """(split or None, data) for each file a task reads: one file, or one per split in train/dev/test order."""
+    if isinstance(spec.data, DataSplits):
+        return [(name, getattr(spec.data, name)) for name in SPLITS if getattr(spec.data, name)]
+    return [(None, spec.data)]
+
+
+def _source_text(spec: TaskSpec) -> str:
+    return ", ".join(f"{split}: {data}" for split, data in _sources(spec)) if isinstance(spec.data, DataSplits) \
+        else spec.data
+
+
+def _example(spec: TaskSpec, template: jinja2.Template, labels: tuple[str, ...], choice_columns: list[str],
+             row: dict[str, Any], where: str, default_id: str) -> Example:
+    """One row as an Example; DataError naming the row and column at fault."""
+    try:
+        text = template.render(_context(row)).strip()
+    except jinja2.UndefinedError as e:
+        raise DataError(f"{where}: the input template failed: {e.message}", _columns_text(list(row))) from None
+    except Exception as e:  # e.g. a filter applied to the wrong type
+        raise DataError(f"{where}: the input template failed: {type(e).__name__}: {e}", "check the `input:` template") from None
+    if spec.target not in row or is_missing(row[spec.target]):
+        raise DataError(f"{where} has no value in target column '{spec.target}'", "fill in or remove rows without a target")
+    raw_target = row[spec.target]
+    choices: tuple[str, ...] = ()
+    gold = None
+    if spec.type == "classify":
+        target = _text(raw_target).strip()
+        if target not in labels:
+            raise DataError(
+                f"{where}: target '{target}' in column '{spec.target}' is not one of the labels",
+                f"labels are {', '.join(labels)}; add it to `labels:` or fix the data",
+            )
+    elif spec.type == "multiple_choice":
+        if isinstance(spec.choices, str):
+            choice_list = _choice_list(row.get(spec.choices), spec.choices, where)
+        else:
+            choice_list = [_text(row.get(c)).strip() for c in choice_columns]
+        gold = _gold_index(raw_target, choice_list, spec.target, where)
+        choices, target = tuple(choice_list), choice_list[gold]
+    else:
+        target = _text(raw_target).strip()
+        if not target:
+            raise DataError(f"{where} has an empty target in column '{spec.target}'", "fill in or remove rows without a target")
+    ex_id = _text(row.get(spec.id_column)).strip() if spec.id_column else default_id
+    if not ex_id:
+        raise DataError(f"{where} has an empty id in column '{spec.id_column}'", "give every row an id")
+    meta = {g: "(missing)" if is_missing(row.get(g)) else _text(row[g]).strip() for g in spec.groups}
+    return Example(id=ex_id, input=text, target=target, choices=choices, gold=gold, meta=meta)
+
+
 def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
     """A Task for a `tasks:` entry of the experiment file; the data is read on first use."""
     template, variables = _compile(spec)
@@ -139,61 +214,42 @@ def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
     metrics, main = _check_metrics(spec)
     choice_columns = [spec.choices] if isinstance(spec.choices, str) else list(spec.choices or [])
 
+    sources = _sources(spec)
+    assigned: dict[str, str] = {}  # example id -> the split its data names (files per split, a split column)
+
     def load() -> list[Example]:
-        rows = read_source(spec.data, base_dir)
-        if not rows:
-            raise DataError(f"data '{spec.data}' of task '{spec.name}' has no rows", "add rows or fix the `data:` path")
-        columns = list(rows[0].keys())
-        needed = [("input template", sorted(variables - {ROW_VARIABLE})), ("target", [spec.target])]
-        needed += [("id_column", [spec.id_column] if spec.id_column else []), ("choices", choice_columns)]
-        needed += [("groups", list(spec.groups))]
-        for what, names in needed:
-            for col in names:
-                if col not in columns:
-                    raise DataError(f"task '{spec.name}': the {what} names column '{col}', which '{spec.data}' lacks", _columns_text(columns))
         examples, seen = [], {}
-        for i, row in enumerate(rows):
-            where = f"task '{spec.name}', row {i}"
-            try:
-                text = template.render(_context(row)).strip()
-            except jinja2.UndefinedError as e:
-                raise DataError(f"{where}: the input template failed: {e.message}", _columns_text(list(row))) from None
-            except Exception as e:  # e.g. a filter applied to the wrong type
-                raise DataError(f"{where}: the input template failed: {type(e).__name__}: {e}", "check the `input:` template") from None
-            if spec.target not in row or is_missing(row[spec.target]):
-                raise DataError(f"{where} has no value in target column '{spec.target}'", "fill in or remove rows without a target")
-            raw_target = row[spec.target]
-            choices: tuple[str, ...] = ()
-            gold = None
-            if spec.type == "classify":
-                target = _text(raw_target).strip()
-                if target not in labels:
-                    raise DataError(
-                        f"{where}: target '{target}' in column '{spec.target}' is not one of the labels",
-                        f"labels are {', '.join(labels)}; add it to `labels:` or fix the data",
-                    )
-            elif spec.type == "multiple_choice":
-                if isinstance(spec.choices, str):
-                    choice_list = _choice_list(row.get(spec.choices), spec.choices, where)
-                else:
-                    choice_list = [_text(row.get(c)).strip() for c in choice_columns]
-                gold = _gold_index(raw_target, choice_list, spec.target, where)
-                choices, target = tuple(choice_list), choice_list[gold]
-            else:
-                target = _text(raw_target).strip()
-                if not target:
-                    raise DataError(f"{where} has an empty target in column '{spec.target}'", "fill in or remove rows without a target")
-            ex_id = _text(row.get(spec.id_column)).strip() if spec.id_column else str(i)
-            if not ex_id:
-                raise DataError(f"{where} has an empty id in column '{spec.id_column}'", "give every row an id")
-            if ex_id in seen:
-                raise DataError(
-                    f"task '{spec.name}': id '{ex_id}' appears in rows {seen[ex_id]} and {i}",
-                    f"make column '{spec.id_column}' unique, or remove `id_column:`",
-                )
-            seen[ex_id] = i
-            meta = {g: "(missing)" if is_missing(row.get(g)) else _text(row[g]).strip() for g in spec.groups}
-            examples.append(Example(id=ex_id, input=text, target=target, choices=choices, gold=gold, meta=meta))
+        assigned.clear()
+        for split, data in sources:
+            rows = read_source(data, base_dir)
+            if not rows:
+                raise DataError(f"data '{data}' of task '{spec.name}' has no rows", "add rows or fix the `data:` path")
+            columns = list(rows[0].keys())
+            needed = [("input template", sorted(variables - {ROW_VARIABLE})), ("target", [spec.target])]
+            needed += [("id_column", [spec.id_column] if spec.id_column else []), ("choices", choice_columns)]
+            needed += [("groups", list(spec.groups)),
+                       ("split_column", [spec.split_column] if spec.split_column else [])]
+            for what, names in needed:
+                for col in names:
+                    if col not in columns:
+                        raise DataError(f"task '{spec.name}': the {what} names column '{col}', which '{data}' lacks",
+                                        _columns_text(columns) + did_you_mean_column(col, columns))
+            for i, row in enumerate(rows):
+                where = f"task '{spec.name}', row {i}" if split is None else \
+                    f"task '{spec.name}', {split} file '{data}', row {i}"
+                ex = _example(spec, template, labels, choice_columns, row, where,
+                              default_id=str(i) if split is None else f"{split}-{i}")
+                here = str(i) if split is None else f"{split} file '{data}' row {i}"
+                if ex.id in seen:
+                    both = f"rows {seen[ex.id]} and {i}" if split is None else f"{seen[ex.id]} and {here}"
+                    raise DataError(f"task '{spec.name}': id '{ex.id}' appears in {both}",
+                                    f"make column '{spec.id_column}' unique, or remove `id_column:`")
+                seen[ex.id] = here
+                if split is not None:
+                    assigned[ex.id] = split
+                elif spec.split_column:
+                    assigned[ex.id] = split_name(row.get(spec.split_column), spec.split_column, where)
+                examples.append(ex)
         return examples
 
     instruction = spec.instruction.strip()
@@ -201,16 +257,17 @@ def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
         instruction = f"Classify the input. Answer with exactly one of: {', '.join(labels)}."
     return Task(
         name=spec.name,
-        description=spec.description or f"user task over {spec.data}",
+        description=spec.description or f"user task over {_source_text(spec)}",
         type=spec.type,
         instruction=instruction,
         metrics=metrics,
         main_metric=main,
-        source=spec.data,
+        source=_source_text(spec),
         license=spec.license,
         load=load,
         labels=labels,
         split_fractions=tuple(spec.split_fractions),
+        split_by=(lambda ex: assigned[ex.id]) if spec.split_column or isinstance(spec.data, DataSplits) else None,
         group_fields=tuple(spec.groups),
         label_aliases={label: tuple(a.strip() for a in aliases) for label, aliases in spec.label_aliases.items()},
     )
