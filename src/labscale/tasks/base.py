@@ -5,10 +5,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from labscale.errors import ConfigError, DataError
 from labscale.example import LETTERS, Example
+
+if TYPE_CHECKING:
+    from labscale.retrieval.collection import Collection
 
 __all__ = ["LETTERS", "SPLITS", "Example", "Task", "TaskType"]
 
@@ -42,6 +45,10 @@ class Task:
     label_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Facts about how the data was built that a reader of the report needs (e.g. blocking recall); JSON-able.
     notes: dict = field(default_factory=dict)
+    # The document collection a retrieval setting (rag:K) searches for this task: a callable returning a
+    # labscale.retrieval.Collection (called on first use, so listing tasks stays cheap), or None. Examples then
+    # name their gold passage or document in meta["gold_passage"] when retrieval can be scored.
+    collection: Callable[[], "Collection"] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from labscale.metrics.registry import get_metric  # lazy: metrics import this module
