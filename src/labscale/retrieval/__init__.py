@@ -9,9 +9,9 @@ Importing this package is cheap: bm25s, nltk and sentence-transformers are impor
 loaded. The retrieval metrics (recall@K, MRR, faithfulness overlap) live in labscale.metrics.retrieval.
 """
 
-from labscale.retrieval.base import Hit, Retriever
+from labscale.retrieval.base import Hit, Retriever, query_for
 from labscale.retrieval.collection import Collection, Document, Passage, chunk_text, load_collection
 from labscale.retrieval.index import RETRIEVERS, check_retriever, index_dir, load_index, retriever_names
 
 __all__ = ["RETRIEVERS", "Collection", "Document", "Hit", "Passage", "Retriever", "check_retriever", "chunk_text",
-           "index_dir", "load_collection", "load_index", "retriever_names"]
+           "index_dir", "load_collection", "load_index", "query_for", "retriever_names"]

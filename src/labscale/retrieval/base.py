@@ -21,7 +21,9 @@ import numpy as np
 
 from labscale.errors import ConfigError
 
-__all__ = ["Hit", "Retriever", "check_k", "hits", "top_k"]
+__all__ = ["QUERY_KEY", "Hit", "Retriever", "check_k", "hits", "query_for", "top_k"]
+
+QUERY_KEY = "query"  # Example.meta key: the text to search with, when it differs from the example's input
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,13 @@ class Retriever(Protocol):
     name: str
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]: ...
+
+
+def query_for(example) -> str:
+    """What a retrieval setting searches with for an example: `meta["query"]` when the task sets it (rag-qa sets
+    the bare question, without the "Question: " frame), else the example's input."""
+    query = example.meta.get(QUERY_KEY)
+    return str(query) if query else example.input
 
 
 def check_k(k: int) -> int:

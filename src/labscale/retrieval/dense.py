@@ -65,7 +65,7 @@ def count_truncated(texts: list[str]) -> int:
     """How many texts are longer than the encoder's input limit (and so are embedded from their start only)."""
     encoder = load_encoder()
     limit = encoder.max_seq_length
-    lengths = [len(ids) for ids in encoder.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) for ids in encoder.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
     return sum(n > limit for n in lengths)
 
 

@@ -13,7 +13,8 @@ Documents are chunked with the default rule of labscale.retrieval.collection (pa
 
 Examples: all 3,270 BoolQ questions and the 445 yes/no PubMedQA questions (3,715), input "Question: <q>?", target
 "yes" / "no", meta["gold_passage"] = the document id (any of its chunks counts as found, see
-metrics/retrieval.py), meta["source"] = boolq / pubmedqa. Questions that share a passage share a split group, so
+metrics/retrieval.py), meta["query"] = the bare question (what retrieval searches with), meta["source"] = boolq /
+pubmedqa. Questions that share a passage share a split group, so
 no gold passage is gold in two splits (the collection itself is the same knowledge source for every split, as a
 search engine would be). Closed-book (zero-shot) runs see the question alone; rag:K runs add K retrieved passages.
 
@@ -102,7 +103,7 @@ def load_examples() -> list[Example]:
     _, questions = _data()
     return [
         Example(id=q["id"], input=f"Question: {q['question']}", target=q["answer"], group=q["doc"],
-                meta={"source": q["source"], "row": q["row"], "gold_passage": q["doc"]})
+                meta={"source": q["source"], "row": q["row"], "gold_passage": q["doc"], "query": q["question"]})
         for q in questions
     ]
 
