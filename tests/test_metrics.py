@@ -44,7 +44,7 @@ def test_registry_names_and_unknown():
                 "precision", "recall", "f1", "clean_answer_rate", "resolvable_rate", "unresolvable_rate",
                 "bbq_acc_ambig", "bbq_acc_disambig", "bbq_bias_ambig", "bbq_bias_disambig", "pct_stereotype",
                 "likelihood_diff", "answerable_accuracy", "abstain_rate_answerable", "abstain_rate_unanswerable",
-                "coverage", "selective_accuracy", "name_output_change"}
+                "coverage", "selective_accuracy", "name_output_change", "recall_at_k", "mrr", "faithfulness_overlap"}
     assert set(metric_names()) == expected
     assert all(get_metric(n).name == n for n in expected)
     assert get_metric("unparseable_rate").higher_is_better is False

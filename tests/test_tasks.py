@@ -16,7 +16,7 @@ from labscale.errors import ConfigError, DataError
 from labscale.tasks import BUILTIN_TASKS, get_task, list_tasks, task_from_spec
 from labscale.tasks.fact_check import derangement, load_rows
 
-SIZES = {"mts-summarization": 100, "fact-check": 940, "openbookqa": 500}
+SIZES = {"mts-summarization": 100, "fact-check": 940, "openbookqa": 500, "rag-qa": 3715}
 HAVE_METRIC_REGISTRY = importlib.util.find_spec("labscale.metrics.registry") is not None
 
 
@@ -30,7 +30,7 @@ def builtin():
 
 def test_registry_lists_the_builtin_tasks():
     assert [t.name for t in list_tasks()] == ["mts-summarization", "fact-check", "openbookqa", "entity-resolution",
-                                              "bbq", "crows-pairs", "abstention-qa"]
+                                              "bbq", "crows-pairs", "abstention-qa", "rag-qa"]
     for task in list_tasks():
         assert "examples" not in task.__dict__  # data is loaded lazily
 

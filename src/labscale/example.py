@@ -7,6 +7,10 @@ Tasks build examples, settings turn them into prompts, metrics score outcomes: k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from labscale.retrieval.base import Hit
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # multiple-choice option letters (the letter protocol)
 
@@ -38,7 +42,9 @@ class Outcome:
 
     `output` is the raw generation ("" for log-likelihood scoring); `prediction` the parsed answer: the summary
     text, a label from the task's label set, a choice text, or UNPARSEABLE. `logprobs` holds one
-    summed log-probability per choice when the multiple-choice task was scored by log-likelihood.
+    summed log-probability per choice when the multiple-choice task was scored by log-likelihood. `retrieved` holds
+    the passages a retrieval setting (rag:K) put in the prompt, best first (None when nothing was retrieved); the
+    retrieval metrics (recall@K, MRR, faithfulness) read it together with `example.meta["gold_passage"]`.
     """
 
     example: Example
@@ -46,3 +52,4 @@ class Outcome:
     prediction: str
     logprobs: list[float] | None = None
     failed: str | None = None  # reason, when the model call failed (scored as wrong)
+    retrieved: list[Hit] | None = None

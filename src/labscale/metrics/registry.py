@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from labscale.errors import ConfigError, did_you_mean
-from labscale.metrics import abstention, bias, classification, counterfactual, matching, multiple_choice, text
+from labscale.metrics import (abstention, bias, classification, counterfactual, matching, multiple_choice, retrieval,
+                              text)
 from labscale.metrics.base import Metric
 
-_MODULES = (text, classification, multiple_choice, matching, bias, abstention, counterfactual)
+_MODULES = (text, classification, multiple_choice, matching, bias, abstention, counterfactual, retrieval)
 _METRICS: dict[str, Metric] = {m.name: m for module in _MODULES for m in module.METRICS}
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from labscale.errors import ConfigError, DataError
 from labscale.example import LETTERS, Example
+
+if TYPE_CHECKING:
+    from labscale.retrieval.collection import Collection
 
 __all__ = ["LETTERS", "SPLITS", "Example", "Task", "TaskType"]
 
@@ -48,6 +51,10 @@ class Task:
     # Opt-in input truncation (settings/truncate.py): each example's input cut to this many tokens of the model.
     max_input_tokens: int | None = None
     truncate: Literal["middle", "end"] = "middle"
+    # The document collection a retrieval setting (rag:K) searches for this task: a callable returning a
+    # labscale.retrieval.Collection (called on first use, so listing tasks stays cheap), or None. Examples then
+    # name their gold passage or document in meta["gold_passage"] when retrieval can be scored.
+    collection: Callable[[], "Collection"] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from labscale.metrics.registry import get_metric  # lazy: metrics import this module

@@ -21,6 +21,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "bbq": "bbq",
     "crows-pairs": "crows_pairs",
     "abstention-qa": "abstention",
+    "rag-qa": "rag_qa",
 }
 
 
