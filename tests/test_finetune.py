@@ -61,7 +61,7 @@ def test_training_examples_are_the_evaluation_prompts(tiny_llm, notes):
     for ex in task.split("train")[:5]:
         prompt, completion = encode_example(backend, task, ex, 0)
         rendered = backend.render(chat_prompt(task, parse_setting("zero-shot"), ex, 0))
-        assert prompt == backend._encode(rendered)  # the tokens `generate` is fed at evaluation
+        assert prompt == backend.encode(rendered)  # the tokens `generate` is fed at evaluation
         assert backend.tokenizer.decode(completion) == ex.target + "<|im_end|>"  # answer + end of turn, nothing more
 
 
@@ -80,7 +80,7 @@ def test_multiple_choice_trains_on_the_loglikelihood_format(tiny_llm):
     task = get_task("openbookqa", Path("."))
     ex = task.split("train")[0]
     context, continuations = loglikelihood_prompt(task, parse_setting("zero-shot"), ex, 0)
-    assert encode_example(backend, task, ex, 0) == backend._encode_pair(context, continuations[ex.gold])
+    assert encode_example(backend, task, ex, 0) == backend.encode_pair(context, continuations[ex.gold])
 
 
 def test_long_examples_are_skipped_never_truncated(tiny_llm, notes):
@@ -326,13 +326,13 @@ def test_adapter_backend(trained, tiny_llm, notes, tmp_path):
     assert got != plain  # the adapter is on
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm), str(trained)).eval()
     for p, text in zip(prompts, got):
-        ids = torch.tensor([adapter._encode(p)])
+        ids = torch.tensor([adapter.encode(p)])
         out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert adapter.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
     # log-likelihoods (multiple-choice tasks) run with the adapter active too
     req = [LoglikelihoodRequest(prompts[0], "fever since friday")]
     with torch.no_grad():
-        ctx, cont = adapter._encode_pair(prompts[0], "fever since friday")  # lm-eval's split of the two
+        ctx, cont = adapter.encode_pair(prompts[0], "fever since friday")  # lm-eval's split of the two
         ids, n = torch.tensor([ctx + cont]), len(ctx)
         logp = peft(input_ids=ids).logits[0, n - 1:-1].log_softmax(-1).gather(-1, ids[0, n:, None]).sum().item()
     assert adapter.loglikelihood(req)[0].logprob == pytest.approx(logp, abs=1e-4)
@@ -400,7 +400,7 @@ def test_experiment_adaptation_reaches_the_report(tiny_llm, notes, tmp_path, cap
     backend = resolve_model(ModelSpec(id=f"hf:{tiny_llm}"))
     task = notes_task(tmp_path)
     for ex, prompt in zip(task.split("test")[:3], prompts):  # evaluated with exactly the prompts it trained on
-        assert backend._encode(prompt) == encode_example(backend, task, ex, 0)[0]
+        assert backend.encode(prompt) == encode_example(backend, task, ex, 0)[0]
     # again: the adapter is reused and every generation is cached
     code, out, err = cli(capsys, monkeypatch, "run", exp)
     assert code == 0 and "reusing it" in err and counts(out) == (0, 6)

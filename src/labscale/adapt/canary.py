@@ -5,7 +5,7 @@ Canaries. K secrets of one format — `My patient's ID number is 482917` (six ra
 has |R| = 10^6 elements, log2|R| ≈ 19.93 bits) — are drawn from an RNG seeded by the training seed and added to
 the training split, each `repeats` times, as extra plain-text examples: prompt = the prefix `My patient's ID number
 is` (masked, like every prompt), completion = ` 482917` + EOS. The completion-only loss therefore trains on
-exactly the secret, and the tokens scored below are the tokens trained on (both come from `_encode_pair`). K more
+exactly the secret, and the tokens scored below are the tokens trained on (both come from `encode_pair`). K more
 secrets of the same format are drawn but never inserted: the controls.
 
 Measurement. After training, the adapter's log-perplexity of a secret s is Px(s) = −log2 Pr(s | prefix), from the
@@ -111,23 +111,11 @@ def insert(train: SplitData, backend, spec: CanarySpec) -> SplitData:
     eos = backend.tokenizer.eos_token_id
     extra = []
     for i, secret in enumerate(inserted):
-        prompt, completion = backend._encode_pair(PREFIX, continuation(secret))
+        prompt, completion = backend.encode_pair(PREFIX, continuation(secret))
         completion = completion + ([eos] if eos is not None else [])
         for j in range(spec.repeats):
             extra.append(TrainExample(f"canary-{i}-{j}", prompt + completion, [IGNORE] * len(prompt) + completion))
     return SplitData(train.split, [*train.examples, *extra], list(train.skipped))
-
-
-def _scorer(backend, model):
-    """`backend` scoring with the in-memory (trained) `model` instead of loading weights."""
-    import copy
-    import inspect
-
-    scorer = copy.copy(backend)
-    scorer._model = model
-    scorer._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    scorer.spec = backend.spec.model_copy(update={"batch_size": SCORE_BATCH})
-    return scorer
 
 
 def measure(backend, model, spec: CanarySpec, n_boot: int = 1000) -> dict:
@@ -144,7 +132,7 @@ def measure(backend, model, spec: CanarySpec, n_boot: int = 1000) -> dict:
     model.eval()
     try:
         secrets = [*inserted, *controls, *candidates]
-        results = _scorer(backend, model).loglikelihood(
+        results = backend.with_model(model, batch_size=SCORE_BATCH).loglikelihood(
             [LoglikelihoodRequest(PREFIX, continuation(s)) for s in secrets])
     finally:
         model.train(was_training)

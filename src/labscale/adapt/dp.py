@@ -177,7 +177,7 @@ class DPTrainer:
                 poisson_sampling=True, noise_generator=torch.Generator(device=self.device))
         self.sampler = private.batch_sampler
         assert math.isclose(self.sampler.sample_rate, self.plan.sample_rate), (self.sampler.sample_rate, self.plan)
-        self.pad = job.backend._pad_id()
+        self.pad = job.backend.pad_id
         self.state = {"global_step": 0, "train_loss_curve": [], "dev_loss_curve": [], "best_step": None,
                       "best_metric": None, "bad_evals": 0, "train_tokens": 0, "train_seconds": 0.0,
                       "examples_sampled": 0, "accountant": None}

@@ -253,26 +253,11 @@ def _precision() -> tuple[object, dict]:
 
 def _load_model(job: Job, device):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype, _ = _precision()
     if job.options.model.dtype != "auto":
         dtype = getattr(torch, job.options.model.dtype)
-    kw = job.backend._load_kwargs()
-    if job.quantization != "none":
-        if job.quantization == "8bit":
-            kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
-        kw["device_map"] = {"": device}
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = job.backend._wrap_load(lambda: AutoModelForCausalLM.from_pretrained(job.backend.source, dtype=dtype,
-                                                                               **kw), "weights")
-    model.config.use_cache = False
+    model = job.backend.load_for_training(str(device), dtype)
     if job.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
