@@ -129,6 +129,25 @@ def test_completion_head_equals_the_models_own_loss_and_packs(tiny_llm):
     assert packed.loss.item() == pytest.approx(sum(sums), rel=1e-5)
 
 
+def test_adapter_identities_are_stable(tiny_llm, notes, tmp_path):
+    """Identities computed before the options moved into one pydantic model (config.FinetuneSpec): the same inputs
+    still give the same identity, so adapters trained before are reused, not trained again."""
+    from labscale.adapt.finetune import prepare_job
+    from labscale.config import DPSpec
+
+    assert resolve_model(ModelSpec(id=f"hf:{tiny_llm}")).info.fingerprint == "cf0da361890989c3"  # the tiny model
+
+    def identity(**kw):
+        return prepare_job(options(tiny_llm, notes, None, adapters_dir=tmp_path, **kw), world_size=1).identity
+
+    assert identity() == "90f988eb7f8d825a"
+    assert identity(seed=3) == "accfb9ce4fbaab84"
+    assert identity(quant="4bit") == "87c20453e5b29f34"
+    assert identity(dp=DPSpec(epsilon=8)) == "06203c76e692e577"
+    assert identity(dp=DPSpec(epsilon=4, delta=1e-3, max_grad_norm=0.5)) == "50b046310960f99d"
+    assert identity(canaries=2, canary_repeats=2, canary_candidates=100) == "90c434e6fd00e9ba"
+
+
 # ----------------------------------------------------------------------------------------------------- the CLI
 
 
@@ -236,19 +255,35 @@ def test_budget_refusal_leaves_nothing_behind(tiny_llm, exp_file, tmp_path, caps
     assert code == 2 and "error: estimated emissions" in err and not out.exists()
 
 
-class _SlowSteps(TrainerCallback):
-    def on_step_begin(self, args, state, control, **kwargs):
-        import time
+class FakeClock:
+    """The session's clock in tests: time passes only when a test says so."""
 
-        time.sleep(1.0)
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _OneSecondSteps(TrainerCallback):
+    """Every optimizer step takes one second of the fake clock."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.now += 1.0
 
 
 def test_budget_stops_training_cleanly(tiny_llm, notes, tmp_path):
-    # $1 per second: the probe's estimate fits in $8, the 1-second steps do not
+    # $1 per second on a fake clock: the probe takes no time, so the estimate fits in $8; the 1-second steps do not
+    clock = FakeClock()
     opts = options(tiny_llm, notes, tmp_path / "a", max_steps=40, price_per_hour=3600.0, budget_usd=8.0)
-    result = finetune(opts, say=lambda m: None, callbacks=(_SlowSteps(),))
+    result = finetune(opts, say=lambda m: None, callbacks=(_OneSecondSteps(clock),), clock=clock)
     card = result.card
     assert card["stopped"] == "budget" and 1 <= card["training"]["steps"] < 40
+    # the cost is the fake clock's: one second per step at $1 a second
+    assert card["accounting"]["cost_usd"] == pytest.approx(card["training"]["steps"])
     assert card["accounting"]["cost_usd"] <= 8.0
     assert card["training"]["dev_loss_curve"] and (result.out / "adapter_model.safetensors").is_file()
 

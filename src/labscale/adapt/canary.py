@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from labscale.adapt.data import IGNORE, SplitData, TrainExample
-from labscale.errors import ConfigError
+from labscale.config import CANARY_SPACE, FinetuneSpec
 
 PREFIX = "My patient's ID number is"
 DIGITS = 6
-SPACE = 10**DIGITS  # |R|
-DEFAULT_REPEATS = 4
-DEFAULT_CANDIDATES = 1000
-MAX_CANARIES = 1000
+SPACE = CANARY_SPACE  # |R| = 10**DIGITS
+# the options' defaults and bounds are declared (and validated) in config.FinetuneSpec
+DEFAULT_REPEATS: int = FinetuneSpec.model_fields["canary_repeats"].default
+DEFAULT_CANDIDATES: int = FinetuneSpec.model_fields["canary_candidates"].default
 SCORE_BATCH = 64
 
 
@@ -76,15 +76,6 @@ class CanarySpec:
     repeats: int = DEFAULT_REPEATS
     candidates: int = DEFAULT_CANDIDATES
     seed: int = 0
-
-    def check(self) -> None:
-        if not 1 <= self.k <= MAX_CANARIES:
-            raise ConfigError(f"--canaries {self.k} is out of range", f"use 1 to {MAX_CANARIES} (0 for none)")
-        if self.repeats < 1:
-            raise ConfigError(f"--canary-repeats {self.repeats} is not a positive count", "e.g. --canary-repeats 4")
-        if not 10 <= self.candidates <= SPACE // 2:
-            raise ConfigError(f"--canary-candidates {self.candidates} is out of range",
-                              f"use 10 to {SPACE // 2} (the default is {DEFAULT_CANDIDATES})")
 
     def identity(self) -> dict:
         return {"k": self.k, "repeats": self.repeats, "candidates": self.candidates, "seed": self.seed,
