@@ -326,6 +326,31 @@ def test_bad_input_is_one_line(extra, message, tiny_llm, exp_file, tmp_path, cap
     assert not out.exists()
 
 
+def test_finetune_help_states_the_options_defaults():
+    """The flags' defaults are config.FinetuneSpec's (the flags default to "not given"); where a help text names a
+    default, it is that one."""
+    import re
+
+    import typer.main
+
+    from labscale.cli import FINETUNE_FLAGS, app
+    from labscale.config import DPSpec, FinetuneSpec
+
+    fields = {**FinetuneSpec.model_fields, **DPSpec.model_fields}
+    field_of = {FINETUNE_FLAGS.get(name, "--" + name.replace("_", "-")): name for name in fields}
+    checked = []
+    for param in typer.main.get_command(app).commands["finetune"].params:
+        stated = re.search(r"\(default ([^),]+)", param.help or "")
+        name = field_of.get(param.opts[0])
+        if name is not None:
+            assert param.default is None or param.default is False, param.opts  # "not given": the model decides
+        if stated and name is not None and fields[name].default is not None:
+            default = fields[name].default
+            assert stated.group(1) == (f"{default:g}" if isinstance(default, float) else str(default)), param.opts
+            checked.append(name)
+    assert set(checked) == {"budget_usd", "country", "canary_repeats", "canary_candidates", "max_grad_norm"}
+
+
 @pytest.mark.parametrize("model, message", [("openai:gpt-4o", "cannot fine-tune 'openai:gpt-4o'"),
                                             ("adapter:/nowhere", "cannot fine-tune 'adapter:/nowhere'")])
 def test_only_local_models_are_fine_tuned(model, message, capsys, monkeypatch):

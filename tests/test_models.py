@@ -522,6 +522,71 @@ def test_quantized_4bit_on_cpu(tiny_llm):
     assert ll.logprob < 0
 
 
+# ------------------------------------------------------------------------------ HF backend: what adapt/ uses
+
+
+def test_with_model_scores_and_generates_with_the_given_model(tiny_llm):
+    """`with_model` serves an in-memory model (the trained PeftModel in canary scoring) without loading weights:
+    with the backend's own model it gives exactly the backend's results; with another model, that model's."""
+    b = backend(tiny_llm, batch_size=3)
+    reqs = [LoglikelihoodRequest("The sky is", " blue"), LoglikelihoodRequest("Doctor:", " Hello there")]
+    prompts = [GenerationRequest(chat(b, t), DecodingParams(max_new_tokens=6)) for t in PROMPTS[:3]]
+    same = b.with_model(b.model, batch_size=1)
+    assert same.spec.batch_size == 1 and same.info.fingerprint == b.info.fingerprint
+    assert [r.logprob for r in same.loglikelihood(reqs)] == pytest.approx([r.logprob for r in b.loglikelihood(reqs)],
+                                                                           abs=1e-5)
+    assert [r.text for r in same.generate(prompts)] == [r.text for r in b.generate(prompts)]
+    other = b.load_for_training("cpu", b.dtype).eval()  # a second copy of the weights, then changed
+    import torch
+
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(0.5)
+    changed = b.with_model(other)
+    assert not other.config.use_cache  # load_for_training: KV cache off for training
+    assert [r.logprob for r in changed.loglikelihood(reqs)] != pytest.approx([r.logprob for r in
+                                                                              b.loglikelihood(reqs)], abs=1e-3)
+
+
+def test_nothing_outside_models_hf_uses_its_private_names():
+    """adapt/, serve/, engine/ and the other backends use the package's public pieces only (DESIGN: no private
+    helpers used across packages): no `x._name` of a private name models/hf defines, no import of one, and no
+    `self._name` of HFBackend's in a subclass outside the package."""
+    import ast
+    from pathlib import Path
+
+    import labscale
+
+    root = Path(labscale.__file__).parent
+    package = root / "models" / "hf"
+    private: set[str] = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_") \
+                    and not node.name.startswith("__"):
+                private.add(node.name)
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                private.add(node.attr)
+            elif isinstance(node, ast.Name) and node.id.startswith("_") and not node.id.startswith("__"):
+                private.add(node.id)
+    private -= {"_k", "_v", "_n", "_views"}  # PreallocLayer's own buffers (a DynamicLayer subclass)
+    found = []
+    for path in root.rglob("*.py"):
+        if package in path.parents:
+            continue
+        tree = ast.parse(path.read_text())
+        subclasses = {n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+                      and any(getattr(b, "id", "") in ("HFBackend", "AdapterBackend") for b in n.bases)}
+        in_subclass = {id(x) for c in subclasses for x in ast.walk(c)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("labscale.models.hf"):
+                found += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("_")]
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                is_self = isinstance(node.value, ast.Name) and node.value.id == "self"
+                if not is_self or id(node) in in_subclass:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: .{node.attr}")
+    assert not found, found
+
+
 # ------------------------------------------------------------------------------- real embedded model (slow)
 
 REAL_QUESTIONS = [

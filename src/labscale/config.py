@@ -280,14 +280,15 @@ def flag_error(err: ValidationError, model: type[BaseModel], flags: dict[str, st
     loc = [p for p in first["loc"] if isinstance(p, str)]
     field = loc[-1] if loc else ""
     flag = flags.get(field, "--" + field.replace("_", "-"))
-    info, cls = None, model
+    info = None
+    cls: type[BaseModel] | None = model
     for part in loc:
         info = cls.model_fields.get(part) if cls is not None else None
         cls = _nested_model(info.annotation) if info is not None else None
     said = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
     value = first.get("input")
     shown = f"{value:g}" if isinstance(value, float) else str(value)
-    hint = said.get("hint") or (f"e.g. {flag} {said['example']}" if "example" in said else None)
+    hint = str(said["hint"]) if "hint" in said else (f"e.g. {flag} {said['example']}" if "example" in said else None)
     if first["type"] == "literal_error":
         choices = str(first.get("ctx", {}).get("expected", "")).replace("'", "")
         return ConfigError(f"unknown {said.get('noun', flag)} '{value}'", f"use {choices}")

@@ -48,7 +48,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from labscale.adapt.data import IGNORE
 from labscale.adapt.session import (
@@ -152,6 +152,7 @@ class DPTrainer:
 
         from labscale.adapt.trainer import add_completion_head
 
+        assert job.dp is not None
         self.job, self.plan, self.callbacks, self.clock = job, job.dp, callbacks, clock
         r = job.recipe
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,7 +187,7 @@ class DPTrainer:
         self.sampler = private.batch_sampler
         assert math.isclose(self.sampler.sample_rate, self.plan.sample_rate), (self.sampler.sample_rate, self.plan)
         self.pad = job.backend.pad_id
-        self.state = {"global_step": 0, "train_loss_curve": [], "dev_loss_curve": [], "best_step": None,
+        self.state: dict[str, Any] = {"global_step": 0, "train_loss_curve": [], "dev_loss_curve": [], "best_step": None,
                       "best_metric": None, "bad_evals": 0, "train_tokens": 0, "train_seconds": 0.0,
                       "examples_sampled": 0, "accountant": None}
 
@@ -436,9 +437,10 @@ class DPTrainer:
 class DPRun(TrainingRun):
     """The DP-SGD `TrainingRun` for the session (session.py): one process, the loop of `DPTrainer`."""
 
+    trainer: DPTrainer  # once loaded
+
     def __init__(self, job: Job, callbacks: tuple = ()):
         self.job, self.callbacks = job, callbacks
-        self.trainer: DPTrainer | None = None
 
     def load(self, session: FinetuneSession) -> None:
         self.trainer = DPTrainer(self.job, self.callbacks, session.clock)
@@ -449,7 +451,7 @@ class DPRun(TrainingRun):
         return self.trainer.state["global_step"]
 
     def probe(self, clock) -> float:
-        return self.trainer.probe()
+        return self.trainer.probe()  # timed on the session's clock, which the DPTrainer was given
 
     def evaluate(self) -> float:
         return self.trainer.evaluate()

@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import ConfigDict
 
@@ -59,6 +59,10 @@ from labscale.hashing import sha
 from labscale.models.hf import HFBackend
 from labscale.settings.setting import PROMPT_FORMAT_VERSION
 from labscale.tasks.base import Task
+
+if TYPE_CHECKING:
+    from labscale.adapt.dp import DPPlan
+    from labscale.adapt.session import TrainingRun
 
 __all__ = ["CHECKPOINTS", "FinetuneOptions", "FinetuneResult", "Job", "finetune", "prepare_job", "run_job"]
 
@@ -110,7 +114,7 @@ class Job:
     out: Path
     state: str  # "new" | "resume" | "done"
     checkpoint: Path | None = None
-    dp: object | None = None  # dp.DPPlan
+    dp: DPPlan | None = None
     canaries: CanarySpec | None = None
     country: str = "USA"  # the options' country, checked and upper-cased
 
@@ -225,8 +229,9 @@ def run_job(job: Job, say: Say = _stderr, callbacks: tuple = (), keep_model: boo
     if job.state == "done":
         if is_main_process():
             say(f"adapter already trained with these settings: {job.out} (identity {job.identity}) — reusing it")
-        return FinetuneResult(job.out, cards.read_card(job.out), True)
+        return FinetuneResult(job.out, cards.read_card(job.out) or {}, True)
     session = FinetuneSession(job, say, clock)
+    training: TrainingRun
     if job.dp is not None:
         from labscale.adapt.dp import DPRun
 

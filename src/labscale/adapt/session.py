@@ -44,7 +44,10 @@ from labscale.errors import LabscaleError
 from labscale.settings.setting import PROMPT_FORMAT_VERSION
 
 if TYPE_CHECKING:
+    from labscale.adapt.callbacks import BudgetGuard
+    from labscale.adapt.carbon import CarbonMeter
     from labscale.adapt.finetune import Job
+    from labscale.adapt.ledger import Ledger
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
@@ -122,7 +125,7 @@ def peak_accelerator_bytes() -> int | None:
 def versions() -> dict:
     from importlib import metadata
 
-    out = {}
+    out: dict[str, str | None] = {}
     for pkg in ("labscale", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "codecarbon",
                 "opacus"):
         try:
@@ -136,7 +139,7 @@ class TrainingRun(ABC):
     """What a way of training supplies to the session (see the module docstring)."""
 
     main: bool = True  # this process prints, measures energy and writes files
-    device = None  # the device for cross-process decisions (callbacks.any_rank); None: a single process
+    device: object = None  # the device for cross-process decisions (callbacks.any_rank); None: a single process
 
     @abstractmethod
     def load(self, session: FinetuneSession) -> None:
@@ -179,12 +182,15 @@ class FinetuneSession:
     """The shared part of training one job (see the module docstring). After `run` starts: `run_info` (the run
     record), `ledger`, `carbon`, `guard`, `estimate` and, after training, `peak_rss`."""
 
+    ledger: Ledger
+    carbon: CarbonMeter
+    guard: BudgetGuard
+
     def __init__(self, job: Job, say: Say = stderr, clock: Clock = time.monotonic):
         self.job, self.say, self.clock = job, say, clock
         self.existed = job.out.exists()
         self.main = True
         self.run_info: dict = {}
-        self.ledger = self.carbon = self.guard = None
         self.estimate: Estimate | None = None
         self.peak_rss = 0
 

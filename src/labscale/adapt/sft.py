@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from labscale.adapt.session import (
     CHECKPOINTS,
@@ -30,6 +31,10 @@ from labscale.adapt.session import (
     precision,
     read_json,
 )
+
+if TYPE_CHECKING:
+    from labscale.adapt.callbacks import TrainTimer
+    from labscale.adapt.trainer import CompletionSFTTrainer
 
 
 def sft_config(job, report_to: list[str]):
@@ -66,6 +71,9 @@ def _curves(log_history: list[dict]) -> tuple[list, list]:
 class SFTRun(TrainingRun):
     """The Trainer path (see the module docstring); `callbacks`: extra TrainerCallbacks (tests, tracking)."""
 
+    trainer: CompletionSFTTrainer  # once loaded
+    timer: TrainTimer
+
     def __init__(self, job, callbacks: tuple = ()):
         import datasets
         from transformers.utils import logging as hf_logging
@@ -81,8 +89,6 @@ class SFTRun(TrainingRun):
         self.cfg = sft_config(job, report_to(job.options.log, job.out, f"{job.options.task.name}-{job.identity}"))
         self.main = self.cfg.process_index == 0
         self.device = self.cfg.device
-        self.trainer = None
-        self.timer = None
 
     def load(self, session: FinetuneSession) -> None:
         import datasets
@@ -181,4 +187,4 @@ class SFTRun(TrainingRun):
     def close(self, keep_model: bool) -> None:
         self.trainer.accelerator.wait_for_everyone()
         if not keep_model:
-            self.trainer = None
+            del self.trainer
