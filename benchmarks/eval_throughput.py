@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     base_texts, tok_base = [], 0
-    eos = set(backend._eos_ids())
+    eos = set(backend.eos_ids)
     t0 = time.perf_counter()
     for p in prompts:
         inputs = tok(p, return_tensors="pt")

@@ -61,7 +61,7 @@ def test_training_examples_are_the_evaluation_prompts(tiny_llm, notes):
     for ex in task.split("train")[:5]:
         prompt, completion = encode_example(backend, task, ex, 0)
         rendered = backend.render(chat_prompt(task, parse_setting("zero-shot"), ex, 0))
-        assert prompt == backend._encode(rendered)  # the tokens `generate` is fed at evaluation
+        assert prompt == backend.encode(rendered)  # the tokens `generate` is fed at evaluation
         assert backend.tokenizer.decode(completion) == ex.target + "<|im_end|>"  # answer + end of turn, nothing more
 
 
@@ -80,7 +80,7 @@ def test_multiple_choice_trains_on_the_loglikelihood_format(tiny_llm):
     task = get_task("openbookqa", Path("."))
     ex = task.split("train")[0]
     context, continuations = loglikelihood_prompt(task, parse_setting("zero-shot"), ex, 0)
-    assert encode_example(backend, task, ex, 0) == backend._encode_pair(context, continuations[ex.gold])
+    assert encode_example(backend, task, ex, 0) == backend.encode_pair(context, continuations[ex.gold])
 
 
 def test_long_examples_are_skipped_never_truncated(tiny_llm, notes):
@@ -127,6 +127,25 @@ def test_completion_head_equals_the_models_own_loss_and_packs(tiny_llm):
         packed = model(input_ids=ids, labels=labels, position_ids=pos, completion_loss=True)
     assert packed.n_tokens.item() == 6 + 9
     assert packed.loss.item() == pytest.approx(sum(sums), rel=1e-5)
+
+
+def test_adapter_identities_are_stable(tiny_llm, notes, tmp_path):
+    """Identities computed before the options moved into one pydantic model (config.FinetuneSpec): the same inputs
+    still give the same identity, so adapters trained before are reused, not trained again."""
+    from labscale.adapt.finetune import prepare_job
+    from labscale.config import DPSpec
+
+    assert resolve_model(ModelSpec(id=f"hf:{tiny_llm}")).info.fingerprint == "cf0da361890989c3"  # the tiny model
+
+    def identity(**kw):
+        return prepare_job(options(tiny_llm, notes, None, adapters_dir=tmp_path, **kw), world_size=1).identity
+
+    assert identity() == "90f988eb7f8d825a"
+    assert identity(seed=3) == "accfb9ce4fbaab84"
+    assert identity(quant="4bit") == "87c20453e5b29f34"
+    assert identity(dp=DPSpec(epsilon=8)) == "06203c76e692e577"
+    assert identity(dp=DPSpec(epsilon=4, delta=1e-3, max_grad_norm=0.5)) == "50b046310960f99d"
+    assert identity(canaries=2, canary_repeats=2, canary_candidates=100) == "90c434e6fd00e9ba"
 
 
 # ----------------------------------------------------------------------------------------------------- the CLI
@@ -236,19 +255,35 @@ def test_budget_refusal_leaves_nothing_behind(tiny_llm, exp_file, tmp_path, caps
     assert code == 2 and "error: estimated emissions" in err and not out.exists()
 
 
-class _SlowSteps(TrainerCallback):
-    def on_step_begin(self, args, state, control, **kwargs):
-        import time
+class FakeClock:
+    """The session's clock in tests: time passes only when a test says so."""
 
-        time.sleep(1.0)
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _OneSecondSteps(TrainerCallback):
+    """Every optimizer step takes one second of the fake clock."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.now += 1.0
 
 
 def test_budget_stops_training_cleanly(tiny_llm, notes, tmp_path):
-    # $1 per second: the probe's estimate fits in $8, the 1-second steps do not
+    # $1 per second on a fake clock: the probe takes no time, so the estimate fits in $8; the 1-second steps do not
+    clock = FakeClock()
     opts = options(tiny_llm, notes, tmp_path / "a", max_steps=40, price_per_hour=3600.0, budget_usd=8.0)
-    result = finetune(opts, say=lambda m: None, callbacks=(_SlowSteps(),))
+    result = finetune(opts, say=lambda m: None, callbacks=(_OneSecondSteps(clock),), clock=clock)
     card = result.card
     assert card["stopped"] == "budget" and 1 <= card["training"]["steps"] < 40
+    # the cost is the fake clock's: one second per step at $1 a second
+    assert card["accounting"]["cost_usd"] == pytest.approx(card["training"]["steps"])
     assert card["accounting"]["cost_usd"] <= 8.0
     assert card["training"]["dev_loss_curve"] and (result.out / "adapter_model.safetensors").is_file()
 
@@ -291,6 +326,31 @@ def test_bad_input_is_one_line(extra, message, tiny_llm, exp_file, tmp_path, cap
     assert not out.exists()
 
 
+def test_finetune_help_states_the_options_defaults():
+    """The flags' defaults are config.FinetuneSpec's (the flags default to "not given"); where a help text names a
+    default, it is that one."""
+    import re
+
+    import typer.main
+
+    from labscale.cli import FINETUNE_FLAGS, app
+    from labscale.config import DPSpec, FinetuneSpec
+
+    fields = {**FinetuneSpec.model_fields, **DPSpec.model_fields}
+    field_of = {FINETUNE_FLAGS.get(name, "--" + name.replace("_", "-")): name for name in fields}
+    checked = []
+    for param in typer.main.get_command(app).commands["finetune"].params:
+        stated = re.search(r"\(default ([^),]+)", param.help or "")
+        name = field_of.get(param.opts[0])
+        if name is not None:
+            assert param.default is None or param.default is False, param.opts  # "not given": the model decides
+        if stated and name is not None and fields[name].default is not None:
+            default = fields[name].default
+            assert stated.group(1) == (f"{default:g}" if isinstance(default, float) else str(default)), param.opts
+            checked.append(name)
+    assert set(checked) == {"budget_usd", "country", "canary_repeats", "canary_candidates", "max_grad_norm"}
+
+
 @pytest.mark.parametrize("model, message", [("openai:gpt-4o", "cannot fine-tune 'openai:gpt-4o'"),
                                             ("adapter:/nowhere", "cannot fine-tune 'adapter:/nowhere'")])
 def test_only_local_models_are_fine_tuned(model, message, capsys, monkeypatch):
@@ -326,13 +386,13 @@ def test_adapter_backend(trained, tiny_llm, notes, tmp_path):
     assert got != plain  # the adapter is on
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm), str(trained)).eval()
     for p, text in zip(prompts, got):
-        ids = torch.tensor([adapter._encode(p)])
+        ids = torch.tensor([adapter.encode(p)])
         out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert adapter.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
     # log-likelihoods (multiple-choice tasks) run with the adapter active too
     req = [LoglikelihoodRequest(prompts[0], "fever since friday")]
     with torch.no_grad():
-        ctx, cont = adapter._encode_pair(prompts[0], "fever since friday")  # lm-eval's split of the two
+        ctx, cont = adapter.encode_pair(prompts[0], "fever since friday")  # lm-eval's split of the two
         ids, n = torch.tensor([ctx + cont]), len(ctx)
         logp = peft(input_ids=ids).logits[0, n - 1:-1].log_softmax(-1).gather(-1, ids[0, n:, None]).sum().item()
     assert adapter.loglikelihood(req)[0].logprob == pytest.approx(logp, abs=1e-4)
@@ -400,7 +460,7 @@ def test_experiment_adaptation_reaches_the_report(tiny_llm, notes, tmp_path, cap
     backend = resolve_model(ModelSpec(id=f"hf:{tiny_llm}"))
     task = notes_task(tmp_path)
     for ex, prompt in zip(task.split("test")[:3], prompts):  # evaluated with exactly the prompts it trained on
-        assert backend._encode(prompt) == encode_example(backend, task, ex, 0)[0]
+        assert backend.encode(prompt) == encode_example(backend, task, ex, 0)[0]
     # again: the adapter is reused and every generation is cached
     code, out, err = cli(capsys, monkeypatch, "run", exp)
     assert code == 0 and "reusing it" in err and counts(out) == (0, 6)

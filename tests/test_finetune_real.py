@@ -84,10 +84,10 @@ def test_the_adapter_changes_generations_and_reloads_exactly(trained, prompts):
     # the in-memory trained model (best checkpoint) and the saved-then-reloaded adapter: identical greedy outputs
     model, tok = trained.model, adapter.tokenizer
     for prompt, text in zip(prompts, got):
-        ids = torch.tensor([adapter._encode(prompt)])
+        ids = torch.tensor([adapter.encode(prompt)])
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                 do_sample=False, eos_token_id=adapter._eos_ids(), pad_token_id=tok.pad_token_id)
+                                 do_sample=False, eos_token_id=adapter.eos_ids, pad_token_id=tok.pad_token_id)
         assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
 
 

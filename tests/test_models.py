@@ -211,20 +211,20 @@ def test_fingerprint_hub(tmp_path, monkeypatch):
 
 def test_lazy_loading_and_info(home, tiny_llm):
     b = backend(tiny_llm)
-    assert b._model is None and b._tokenizer is None
+    assert not b.loaded and b._tokenizer is None
     p = chat(b, "hello")
     assert b.count_tokens(p) > 0
     info = b.info
-    assert b._model is None  # no weights for render, count_tokens, info
+    assert not b.loaded  # no weights for render, count_tokens, info
     assert info.context_length == 512 and info.backend == "hf" and info.device == "cpu"
     assert info.dtype == "float32" and info.quantization is None
     assert info.parameters is not None and info.parameters > 50_000
     assert len(info.fingerprint) == 16 and info.name == f"hf:{tiny_llm}"
     b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=2))])
-    assert b._model is not None and b.info.parameters == b._model.num_parameters()
+    assert b.loaded and b.info.parameters == b.model.num_parameters()
     assert b.peak_memory_bytes() is None
     b.close()
-    assert b._model is None
+    assert not b.loaded
 
 
 def test_render_with_chat_template(tiny_llm):
@@ -276,14 +276,14 @@ def one_at_a_time(b: HFBackend, prompt: str, max_new_tokens: int) -> list[int]:
     """Reference: plain unbatched `model.generate` on the same encoding, greedy, stopping at EOS."""
     import torch
 
-    ids = b._encode(prompt)
+    ids = b.encode(prompt)
     with torch.inference_mode():
         out = b.model.generate(
             torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=b._pad_id(),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=b.pad_id,
         )
     gen = out[0, len(ids):].tolist()
-    eos = set(b._eos_ids())
+    eos = set(b.eos_ids)
     k = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
     return gen[:k]
 
@@ -292,7 +292,7 @@ def one_at_a_time(b: HFBackend, prompt: str, max_new_tokens: int) -> list[int]:
 def test_batched_greedy_equals_one_at_a_time(tiny_llm, fast):
     b = backend(tiny_llm, batch_size=3)
     if not fast:
-        b._fast = False
+        b.fast_decoder.suitable = False
     prompts = [chat(b, t) for t in PROMPTS]
     params = DecodingParams(max_new_tokens=12)
     seen = []
@@ -305,31 +305,31 @@ def test_batched_greedy_equals_one_at_a_time(tiny_llm, fast):
         assert r.prompt_tokens == b.count_tokens(p)
         assert r.finish_reason == "length"
         assert r.latency_s > 0 and 0 < r.compute_s <= r.latency_s
-    assert b._fast is fast
+    assert b.fast_decoder.suitable is fast
 
 
 def test_plan_buckets():
-    from labscale.models import hf
+    from labscale.models.hf.fastdecode import plan_buckets
 
     starts = [0, 0, 5, 6, 40, 41, 42, 90]
-    plan = hf._plan_buckets(starts, 100)
+    plan = plan_buckets(starts, 100)
     assert plan[0][0] == 0 and plan[-1][1] == len(starts)
     assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # contiguous, covering every row
     assert all(s == min(starts[r0:r1]) for r0, r1, s in plan)
-    assert hf._plan_buckets([0, 0, 0], 50) == [(0, 3, 0)]
-    assert len(hf._plan_buckets(starts, 100)) < len(starts)
+    assert plan_buckets([0, 0, 0], 50) == [(0, 3, 0)]
+    assert len(plan_buckets(starts, 100)) < len(starts)
 
 
 def test_ragged_attention_equals_one_at_a_time(tiny_llm, monkeypatch):
     """Every row its own attention bucket (call cost 0): still exactly the unbatched result."""
-    from labscale.models import hf
+    from labscale.models.hf import fastdecode
 
-    monkeypatch.setattr(hf, "RAGGED_CALL_COST", 0)
+    monkeypatch.setattr(fastdecode, "RAGGED_CALL_COST", 0)
     b = backend(tiny_llm, batch_size=8)
     prompts = [chat(b, t * (i + 1)) for i, t in enumerate(PROMPTS[:5])]
-    seen = hf._RAGGED_SEEN[0]
+    seen = fastdecode.ragged_calls()
     results = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=10)) for p in prompts])
-    assert b._ragged and b._ragged_verified and hf._RAGGED_SEEN[0] > seen
+    assert b.fast_decoder.ragged and b.fast_decoder.ragged_verified and fastdecode.ragged_calls() > seen
     for p, r in zip(prompts, results):
         ref = one_at_a_time(b, p, 10)
         assert r.text == b.tokenizer.decode(ref, skip_special_tokens=True) and r.new_tokens == len(ref)
@@ -377,7 +377,7 @@ def test_other_architectures(tmp_path, tiny_llm, arch, fast):
     b = backend(_other_architecture(tmp_path / arch, tiny_llm, arch), batch_size=4)
     prompts = [chat(b, t) for t in PROMPTS[:5]]
     results = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=12)) for p in prompts])
-    assert b._fast is fast
+    assert b.fast_decoder.suitable is fast
     for p, r in zip(prompts, results):
         ref = one_at_a_time(b, p, 12)
         assert r.text == b.tokenizer.decode(ref, skip_special_tokens=True) and r.new_tokens == len(ref)
@@ -400,7 +400,7 @@ def test_results_keep_request_order_across_param_groups(tiny_llm):
 def test_stop_sequences(tiny_llm, fast):
     b = backend(tiny_llm, batch_size=4)
     if not fast:
-        b._fast = False
+        b.fast_decoder.suitable = False
     prompts = [chat(b, t) for t in PROMPTS[:4]]
     full = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=16)) for p in prompts])
     r0 = full[0]
@@ -427,7 +427,7 @@ def test_stop_sequences(tiny_llm, fast):
 def test_eos_finish_reason_and_token_count(tiny_llm, fast):
     b = backend(tiny_llm, batch_size=4)
     if not fast:
-        b._fast = False
+        b.fast_decoder.suitable = False
     prompts = [chat(b, t) for t in PROMPTS[:4]]
     params = DecodingParams(max_new_tokens=10)
     ref = one_at_a_time(b, prompts[0], 10)
@@ -464,7 +464,7 @@ def test_sampling_is_seeded(tiny_llm):
 def manual_loglikelihood(b: HFBackend, context: str, continuation: str) -> tuple[float, bool, int]:
     import torch
 
-    ctx, cont = b._encode_pair(context, continuation)
+    ctx, cont = b.encode_pair(context, continuation)
     ids = torch.tensor([ctx + cont])
     with torch.inference_mode():
         logp = b.model(ids).logits[0].float().log_softmax(-1)
@@ -496,8 +496,8 @@ def test_loglikelihood_matches_a_manual_forward_pass(tiny_llm):
         assert res.is_greedy == greedy and res.n_tokens == n
         assert res.logprob < 0
     assert results[0].logprob == pytest.approx(results[1].logprob, abs=1e-4)
-    assert b._encode_pair("The sky is ", "blue") == b._encode_pair("The sky is", " blue")
-    ctx, cont = b._encode_pair("", "Yes")
+    assert b.encode_pair("The sky is ", "blue") == b.encode_pair("The sky is", " blue")
+    ctx, cont = b.encode_pair("", "Yes")
     assert ctx == [b.tokenizer.bos_token_id]
 
 
@@ -507,7 +507,7 @@ def test_loglikelihood_greedy_continuation(tiny_llm):
     p = chat(b, "Is the sky blue?")
     ref = one_at_a_time(b, p, 4)
     cont = b.tokenizer.decode(ref)
-    ctx, enc = b._encode_pair(p, cont)
+    ctx, enc = b.encode_pair(p, cont)
     if enc == ref:  # the decoded text re-encodes to the same tokens (true for this tokenizer in practice)
         (r,) = b.loglikelihood([LoglikelihoodRequest(p, cont)])
         assert r.is_greedy and r.n_tokens == 4
@@ -520,6 +520,71 @@ def test_quantized_4bit_on_cpu(tiny_llm):
     assert r.new_tokens == 3 and b.info.quantization == "4bit"
     (ll,) = b.loglikelihood([LoglikelihoodRequest("The sky is", " blue")])
     assert ll.logprob < 0
+
+
+# ------------------------------------------------------------------------------ HF backend: what adapt/ uses
+
+
+def test_with_model_scores_and_generates_with_the_given_model(tiny_llm):
+    """`with_model` serves an in-memory model (the trained PeftModel in canary scoring) without loading weights:
+    with the backend's own model it gives exactly the backend's results; with another model, that model's."""
+    b = backend(tiny_llm, batch_size=3)
+    reqs = [LoglikelihoodRequest("The sky is", " blue"), LoglikelihoodRequest("Doctor:", " Hello there")]
+    prompts = [GenerationRequest(chat(b, t), DecodingParams(max_new_tokens=6)) for t in PROMPTS[:3]]
+    same = b.with_model(b.model, batch_size=1)
+    assert same.spec.batch_size == 1 and same.info.fingerprint == b.info.fingerprint
+    assert [r.logprob for r in same.loglikelihood(reqs)] == pytest.approx([r.logprob for r in b.loglikelihood(reqs)],
+                                                                           abs=1e-5)
+    assert [r.text for r in same.generate(prompts)] == [r.text for r in b.generate(prompts)]
+    other = b.load_for_training("cpu", b.dtype).eval()  # a second copy of the weights, then changed
+    import torch
+
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(0.5)
+    changed = b.with_model(other)
+    assert not other.config.use_cache  # load_for_training: KV cache off for training
+    assert [r.logprob for r in changed.loglikelihood(reqs)] != pytest.approx([r.logprob for r in
+                                                                              b.loglikelihood(reqs)], abs=1e-3)
+
+
+def test_nothing_outside_models_hf_uses_its_private_names():
+    """adapt/, serve/, engine/ and the other backends use the package's public pieces only (DESIGN: no private
+    helpers used across packages): no `x._name` of a private name models/hf defines, no import of one, and no
+    `self._name` of HFBackend's in a subclass outside the package."""
+    import ast
+    from pathlib import Path
+
+    import labscale
+
+    root = Path(labscale.__file__).parent
+    package = root / "models" / "hf"
+    private: set[str] = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_") \
+                    and not node.name.startswith("__"):
+                private.add(node.name)
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                private.add(node.attr)
+            elif isinstance(node, ast.Name) and node.id.startswith("_") and not node.id.startswith("__"):
+                private.add(node.id)
+    private -= {"_k", "_v", "_n", "_views"}  # PreallocLayer's own buffers (a DynamicLayer subclass)
+    found = []
+    for path in root.rglob("*.py"):
+        if package in path.parents:
+            continue
+        tree = ast.parse(path.read_text())
+        subclasses = {n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+                      and any(getattr(b, "id", "") in ("HFBackend", "AdapterBackend") for b in n.bases)}
+        in_subclass = {id(x) for c in subclasses for x in ast.walk(c)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("labscale.models.hf"):
+                found += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("_")]
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                is_self = isinstance(node.value, ast.Name) and node.value.id == "self"
+                if not is_self or id(node) in in_subclass:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: .{node.attr}")
+    assert not found, found
 
 
 # ------------------------------------------------------------------------------- real embedded model (slow)

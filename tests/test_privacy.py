@@ -94,7 +94,7 @@ def test_canaries_are_inserted_and_trained_on_the_secret(tiny_llm, notes):
     inserted = spec.draw()[0]
     for i, secret in enumerate(inserted):
         ex = extra[5 * i]
-        prompt, completion = backend._encode_pair(PREFIX, " " + secret)  # what exposure scores
+        prompt, completion = backend.encode_pair(PREFIX, " " + secret)  # what exposure scores
         assert ex.input_ids == prompt + completion + [backend.tokenizer.eos_token_id]
         assert ex.labels == [IGNORE] * len(prompt) + completion + [backend.tokenizer.eos_token_id]
         assert backend.tokenizer.decode([t for t in ex.labels if t != IGNORE]) == f" {secret}<|im_end|>"

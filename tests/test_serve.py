@@ -360,17 +360,17 @@ def test_hf_generate_fallback_with_adapters(reference):
     reqs = [GenerationRequest(reference.render(messages(q)), DecodingParams(max_new_tokens=10), a)
             for q, a in zip(QUESTIONS, [None, "alpha", "beta", "alpha", None, "beta"])]
     fast = [r.text for r in reference.generate(reqs)]
-    reference._fast = False
+    reference.fast_decoder.suitable = False
     try:
         slow = [r.text for r in reference.generate(reqs)]
     finally:
-        reference._fast = None
+        reference.fast_decoder.suitable = None
     assert fast == slow
 
 
 def test_mixed_adapter_rows_finishing_early(reference, monkeypatch):
     """Rows that stop early are dropped from the decode batch; their adapter names are dropped with them."""
-    from labscale.models import hf
+    from labscale.models.hf.fastdecode import prealloc_layer_class
 
     adapters = [None, "alpha", "beta", "alpha", None, "beta"]
     prompts = [reference.render(messages(q)) for q in QUESTIONS]
@@ -378,7 +378,7 @@ def test_mixed_adapter_rows_finishing_early(reference, monkeypatch):
                                for p, a in zip(prompts, adapters)])
     stops = tuple(r.text[2:4] for r in full[:3] if r.text[2:4].strip())
     params = DecodingParams(max_new_tokens=24, stop=stops)
-    layer = hf._prealloc_layer_class()
+    layer = prealloc_layer_class()
     drops = []
     original = layer.batch_select_indices
     monkeypatch.setattr(layer, "batch_select_indices", lambda self, idx: (drops.append(len(idx)), original(self, idx)))

@@ -163,23 +163,32 @@ def serve(
     run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms)
 
 
+# `labscale finetune` spells config.FinetuneSpec's fields as flags; bounds, defaults and checks live there only.
+FINETUNE_FLAGS = {"quantization": "--quant", "overrides": "--set", "budget_usd": "--budget", "co2_cap_kg": "--co2-cap"}
+
+
 @app.command()
 def finetune(
     model: str = typer.Option(..., "--model", help="embedded:<name> or hf:<hub id or local path>"),
     task: str = typer.Option(..., "--task", help="a builtin task, or one defined in --experiment"),
     quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit (QLoRA: NF4, double "
                                         "quantization); default: none, or the --experiment model entry's"),
-    recipe: str = typer.Option("auto", "--recipe", help="auto or a recipe name (see `labscale recipes`)"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="optimizer steps (overrides epochs)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (default) or a recipe name (see `labscale "
+                                         "recipes`)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)"),
     out: Optional[Path] = typer.Option(None, "--out", help="adapter folder (default: runs/adapters/<identity>)"),
-    log: str = typer.Option("none", "--log", help="none | wandb (offline) | mlflow (SQLite beside the adapter)"),
+    log: Optional[str] = typer.Option(None, "--log", help="none (default) | wandb (offline) | mlflow (SQLite "
+                                      "beside the adapter)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE (repeatable)"),
-    seed: int = typer.Option(0, help="LoRA initialisation, dropout and data order"),
-    budget: float = typer.Option(25.0, "--budget", help="US $ cap: refuse or stop before spending more"),
+    seed: Optional[int] = typer.Option(None, help="LoRA initialisation, dropout and data order (default 0)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap: refuse or stop before spending more "
+                                           "(default 25)"),
     co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap"),
-    hardware: str = typer.Option("auto", help="auto | cpu | t4 | a100: picks the recipe and the price"),
+    hardware: Optional[str] = typer.Option(None, help="auto (default) | cpu | t4 | a100: picks the recipe and the "
+                                           "price"),
     price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour (default: by --hardware)"),
-    country: str = typer.Option("USA", help="ISO alpha-3 code for the grid carbon intensity"),
+    country: Optional[str] = typer.Option(None, help="ISO alpha-3 code for the grid carbon intensity (default "
+                                          "USA)"),
     experiment: Optional[Path] = typer.Option(None, help="look --task and --model up in this experiment file too"),
     dp: bool = typer.Option(False, "--dp", help="differentially private training (DP-SGD with Opacus, LoRA only)"),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help="--dp: the ε the whole training may spend"),
@@ -187,8 +196,8 @@ def finetune(
                                           "examples)"),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="--dp: per-example clipping norm "
                                                   "(default 1)"),
-    canaries: int = typer.Option(0, "--canaries", help="insert K secret canaries into the training data "
-                                 "and measure their exposure after training"),
+    canaries: Optional[int] = typer.Option(None, "--canaries", help="insert K secret canaries into the training "
+                                           "data and measure their exposure after training"),
     canary_repeats: Optional[int] = typer.Option(None, "--canary-repeats", help="copies of each canary (default 4)"),
     canary_candidates: Optional[int] = typer.Option(None, "--canary-candidates", help="random secrets each canary "
                                                     "is ranked against (default 1000)"),
@@ -197,40 +206,35 @@ def finetune(
     from labscale.adapt.experiment import base_model_spec
     from labscale.adapt.finetune import FinetuneOptions, finetune as run_finetune
     from labscale.adapt.recipes import parse_set
-    from labscale.errors import ConfigError
+    from labscale.config import FinetuneSpec
     from labscale.tasks.registry import get_task
 
-    if quant not in (None, "none", "8bit", "4bit"):
-        raise ConfigError(f"unknown --quant '{quant}'", "use none, 8bit or 4bit")
-    dp_spec = _dp_spec(dp, epsilon, delta, max_grad_norm)
-    if not canaries and (canary_repeats is not None or canary_candidates is not None):
-        flag = "--canary-repeats" if canary_repeats is not None else "--canary-candidates"
-        raise ConfigError(f"{flag} only applies with canaries", "add --canaries K")
-    from labscale.adapt.canary import DEFAULT_CANDIDATES, DEFAULT_REPEATS
-
-    repeats = DEFAULT_REPEATS if canary_repeats is None else canary_repeats
-    candidates = DEFAULT_CANDIDATES if canary_candidates is None else canary_candidates
+    _check_flag_combinations(dp, epsilon, delta, max_grad_norm, canaries, canary_repeats, canary_candidates)
+    dp_values = {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm}
+    spec = FinetuneSpec.from_flags({
+        "quantization": quant, "recipe": recipe, "overrides": parse_set(set_ or []), "max_steps": max_steps,
+        "seed": seed, "budget_usd": budget, "co2_cap_kg": co2_cap, "hardware": hardware,
+        "price_per_hour": price_per_hour, "country": country, "log": log,
+        "dp": {k: v for k, v in dp_values.items() if v is not None} if dp else None, "canaries": canaries,
+        "canary_repeats": canary_repeats, "canary_candidates": canary_candidates,
+    }, FINETUNE_FLAGS)
     exp, entry = None, task
     if experiment is not None:
         from labscale.config import load_experiment
 
         exp = load_experiment(experiment)
         entry = next((t for t in exp.tasks if (t if isinstance(t, str) else t.name) == task), task)
-    spec = base_model_spec(exp, model, quant)
+    base = base_model_spec(exp, model, spec.quantization)
     task_obj = get_task(entry, exp.base_dir if exp else Path("."))
-    options = FinetuneOptions(model=spec, task=task_obj, recipe=recipe, overrides=parse_set(set_ or []),
-                              max_steps=max_steps, out=out, log=log, seed=seed, budget_usd=budget, co2_cap_kg=co2_cap,
-                              hardware=hardware, price_per_hour=price_per_hour, country=country, dp=dp_spec,
-                              canaries=canaries, canary_repeats=repeats,
-                              canary_candidates=candidates)
-    result = run_finetune(options)
+    result = run_finetune(FinetuneOptions.of(spec, base, task_obj, out=out))
     if result.card:  # the main process (under accelerate launch, the others stay quiet)
         typer.echo(f"adapter: {result.out}")
 
 
-def _dp_spec(dp: bool, epsilon: float | None, delta: float | None, max_grad_norm: float | None):
-    """--dp and its options as a DPSpec (None without --dp); one-line errors for what pydantic would reject."""
-    from labscale.config import DPSpec
+def _check_flag_combinations(dp: bool, epsilon, delta, max_grad_norm, canaries, canary_repeats,
+                             canary_candidates) -> None:
+    """What the flat flags can say that the options cannot: DP settings without --dp, --dp without ε, canary
+    settings without canaries."""
     from labscale.errors import ConfigError
 
     if not dp:
@@ -238,16 +242,11 @@ def _dp_spec(dp: bool, epsilon: float | None, delta: float | None, max_grad_norm
                  if v is not None]
         if given:
             raise ConfigError(f"{given[0]} only applies to differentially private training", "add --dp")
-        return None
-    if epsilon is None:
+    elif epsilon is None:
         raise ConfigError("--dp needs a privacy budget", "add --epsilon E, e.g. --epsilon 8")
-    if not epsilon > 0 or epsilon == float("inf"):
-        raise ConfigError(f"--epsilon {epsilon:g} is not a positive number", "e.g. --epsilon 8")
-    if delta is not None and not 0 < delta < 1:
-        raise ConfigError(f"--delta {delta:g} is not between 0 and 1", "leave it out for 1/(2n), or e.g. 1e-5")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ConfigError(f"--max-grad-norm {max_grad_norm:g} is not positive", "e.g. --max-grad-norm 1")
-    return DPSpec(epsilon=epsilon, delta=delta, **({"max_grad_norm": max_grad_norm} if max_grad_norm else {}))
+    if not canaries and (canary_repeats is not None or canary_candidates is not None):
+        flag = "--canary-repeats" if canary_repeats is not None else "--canary-candidates"
+        raise ConfigError(f"{flag} only applies with canaries", "add --canaries K")
 
 
 @app.command()

@@ -215,40 +215,92 @@ class GenerationSpec(_Strict):
         return v
 
 
+def _says(problem: str | None = None, *, message: str | None = None, example: str | None = None,
+          hint: str | None = None, noun: str | None = None) -> dict:
+    """How a bad value of an option is reported when it came from a command-line flag (see `flag_error`):
+    "<flag> <value> <problem>", or a whole `message`; the hint is `hint`, else "e.g. <flag> <example>"; a value
+    outside a Literal is "unknown <noun, default the flag> '<value>'"."""
+    said = {"problem": problem, "message": message, "example": example, "hint": hint, "noun": noun}
+    return {k: v for k, v in said.items() if v is not None}
+
+
 class DPSpec(_Strict):
     """DP-SGD on the LoRA parameters: per-sample clipping at `max_grad_norm`, noise calibrated so that the whole
     training spends at most `epsilon` at `delta` (default: 1 / (2 × training examples); δ ≥ 1 / n is refused)."""
 
-    epsilon: float = Field(gt=0)
-    delta: Optional[float] = Field(None, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    epsilon: float = Field(gt=0, allow_inf_nan=False, description="the ε the whole training may spend",
+                           json_schema_extra=_says("is not a positive number", example="8"))
+    delta: Optional[float] = Field(None, gt=0, lt=1, description="δ, below 1/n (default 1/(2n), n = train examples)",
+                                   json_schema_extra=_says("is not between 0 and 1",
+                                                           hint="leave it out for 1/(2n), or e.g. 1e-5"))
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping norm",
+                                 json_schema_extra=_says("is not positive", example="1"))
 
 
-class AdaptationSpec(_Strict):
+MAX_CANARIES = 1000
+CANARY_SPACE = 10**6  # six-digit secrets (adapt/canary.py)
+
+
+class FinetuneSpec(_Strict):
+    """How to fine-tune (LoRA / QLoRA, optionally DP; see docs/finetune.md): the options `labscale finetune` takes
+    as flags and an experiment's `adaptations:` entries take as keys, declared and validated here only."""
+
+    quantization: Optional[Literal["none", "8bit", "4bit"]] = Field(
+        None, description="of the base during training and evaluation (default: the model entry's)")
+    recipe: str = Field("auto", description="auto or a recipe name (see `labscale recipes`)")
+    overrides: dict[str, Any] = Field({}, description="recipe fields, e.g. {lora_r: 8, learning_rate: 1e-4}")
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps (overrides epochs)",
+                                     json_schema_extra=_says("is not a positive count", example="100"))
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED,
+                                description="LoRA initialisation, dropout and data order (default: the "
+                                            "experiment's seed; 0 for `labscale finetune`)")
+    budget_usd: float = Field(25.0, gt=0, description="refuse / stop before the training would cost more",
+                              json_schema_extra=_says(message="the budget must be a positive number of dollars",
+                                                      example="25"))
+    co2_cap_kg: Optional[float] = Field(None, gt=0, description="kg CO2eq cap",
+                                        json_schema_extra=_says(message="the CO2 cap must be a positive number of "
+                                                                        "kg", example="0.5"))
+    hardware: Literal["auto", "cpu", "t4", "a100"] = Field(
+        "auto", description="picks the recipe and the price", json_schema_extra=_says(noun="hardware class"))
+    price_per_hour: Optional[float] = Field(None, ge=0, description="US $ per device-hour (default: by hardware)",
+                                            json_schema_extra=_says(message="the price per hour cannot be negative",
+                                                                    example="0.35"))
+    country: str = Field("USA", description="ISO 3166 alpha-3 code for the grid carbon intensity")
+    log: Literal["none", "wandb", "mlflow"] = Field(
+        "none", description="experiment tracking: wandb (offline) or mlflow (SQLite beside the adapter)")
+    dp: Optional[DPSpec] = Field(None, description="differentially private training (Opacus, LoRA weights only)")
+    canaries: int = Field(0, ge=0, le=MAX_CANARIES, description="secret canaries inserted into the training data; "
+                                                                "their exposure is measured after training",
+                          json_schema_extra=_says("is out of range", hint=f"use 1 to {MAX_CANARIES} (0 for none)"))
+    canary_repeats: int = Field(4, ge=1, description="copies of each canary in the training data",
+                                json_schema_extra=_says("is not a positive count", example="4"))
+    canary_candidates: int = Field(1000, ge=10, le=CANARY_SPACE // 2,
+                                   description="random same-format secrets each canary is ranked against",
+                                   json_schema_extra=_says("is out of range", hint=f"use 10 to {CANARY_SPACE // 2} "
+                                                                                   "(the default is 1000)"))
+
+    @classmethod
+    def from_flags(cls, values: dict[str, Any], flags: dict[str, str]) -> "FinetuneSpec":
+        """The options given on a command line (None: not given, i.e. the default); a bad value is a one-line
+        error naming its flag (`flags`: field → flag, default `--field-name`)."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            raise flag_error(e, cls, flags) from None
+
+    def finetune_fields(self) -> dict[str, Any]:
+        """The FinetuneSpec fields of this object (of a subclass too), by name."""
+        return {name: getattr(self, name) for name in FinetuneSpec.model_fields}
+
+
+class AdaptationSpec(FinetuneSpec):
     """A fine-tuning declared in the experiment: `model` is trained on `task` (LoRA / QLoRA, see docs/finetune.md)
     and evaluated under the `finetuned` setting. An identical earlier adapter is reused."""
 
     model: str = Field(description="a model of this experiment (its name or id), or embedded:/hf: id")
     task: str = Field(description="a task of this experiment")
     name: Optional[str] = Field(None, description="the fine-tuned model's column in reports (default: the model's)")
-    quantization: Optional[Literal["none", "8bit", "4bit"]] = Field(
-        None, description="of the base during training and evaluation (default: the model entry's)")
-    recipe: str = "auto"
-    overrides: dict[str, Any] = Field({}, description="recipe fields, e.g. {lora_r: 8, learning_rate: 1e-4}")
-    max_steps: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = Field(None, description="default: the experiment's seed")
     out: Optional[str] = Field(None, description="adapter folder (default: runs/adapters/<identity>)")
-    budget_usd: float = Field(25.0, gt=0, description="refuse / stop before the training would cost more")
-    co2_cap_kg: Optional[float] = Field(None, gt=0)
-    hardware: Literal["auto", "cpu", "t4", "a100"] = "auto"
-    price_per_hour: Optional[float] = Field(None, ge=0, description="US $ per device-hour (default: by hardware)")
-    country: str = Field("USA", description="ISO 3166 alpha-3 code for the grid carbon intensity")
-    log: Literal["none", "wandb", "mlflow"] = "none"
-    dp: Optional[DPSpec] = Field(None, description="differentially private training (Opacus, LoRA weights only)")
-    canaries: int = Field(0, ge=0, description="secret canaries inserted into the training data; their exposure "
-                                               "is measured after training")
-    canary_repeats: int = Field(4, ge=1, description="copies of each canary in the training data")
-    canary_candidates: int = Field(1000, ge=1, description="random same-format secrets each canary is ranked against")
 
 
 class Experiment(_Strict):
@@ -397,6 +449,38 @@ def _format_validation_error(err: ValidationError) -> tuple[str, str]:
         msg += f" (YAML read {first['input']!r} as {kind}: quote it, e.g. '{first['input']}')"
     where = f"at '{loc}'" if loc else "at the top level"
     return f"invalid experiment file {where}: {msg}{extra}", hint
+
+
+def _nested_model(annotation) -> type[BaseModel] | None:
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def flag_error(err: ValidationError, model: type[BaseModel], flags: dict[str, str]) -> ConfigError:
+    """A one-line error for the first problem of `err` (raised validating `model` from command-line flags),
+    named by its flag and worded by the field's `_says` metadata."""
+    first = err.errors()[0]
+    loc = [p for p in first["loc"] if isinstance(p, str)]
+    field = loc[-1] if loc else ""
+    flag = flags.get(field, "--" + field.replace("_", "-"))
+    info = None
+    cls: type[BaseModel] | None = model
+    for part in loc:
+        info = cls.model_fields.get(part) if cls is not None else None
+        cls = _nested_model(info.annotation) if info is not None else None
+    said = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}
+    value = first.get("input")
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    hint = str(said["hint"]) if "hint" in said else (f"e.g. {flag} {said['example']}" if "example" in said else None)
+    if first["type"] == "literal_error":
+        choices = str(first.get("ctx", {}).get("expected", "")).replace("'", "")
+        return ConfigError(f"unknown {said.get('noun', flag)} '{value}'", f"use {choices}")
+    if "message" in said:
+        return ConfigError(str(said["message"]), hint)
+    problem = said.get("problem") or f"is invalid: {first['msg'].removeprefix('Value error, ')}"
+    return ConfigError(f"{flag} {shown} {problem}", hint)
 
 
 def parse_experiment(data: object, base_dir: Path = Path(".")) -> Experiment:

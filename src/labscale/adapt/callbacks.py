@@ -1,4 +1,7 @@
-"""Trainer callbacks: progress lines, and the budget guard that stops training before a cap would be crossed."""
+"""Trainer callbacks: progress lines, and the budget guard that stops training before a cap would be crossed.
+
+Durations come from an injected clock (default `time.monotonic`; the session passes its own), so the budget logic
+can be tested on a fake clock."""
 
 from __future__ import annotations
 
@@ -24,16 +27,17 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-class Clock(TrainerCallback):
+class TrainTimer(TrainerCallback):
     """Training time without validation, and tokens/s over it (for progress lines and the card)."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
         self.begin = None
         self.eval_s = 0.0
         self.tokens_at_begin = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.begin = time.time()
+        self.begin = self.clock()
         self.tokens_at_begin = state.num_input_tokens_seen
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -41,7 +45,7 @@ class Clock(TrainerCallback):
             self.eval_s += float((metrics or {}).get("eval_runtime", 0.0))
 
     def train_seconds(self) -> float:
-        return 0.0 if self.begin is None else max(time.time() - self.begin - self.eval_s, 1e-9)
+        return 0.0 if self.begin is None else max(self.clock() - self.begin - self.eval_s, 1e-9)
 
     def tokens_per_s(self, state) -> float | None:
         tokens = state.num_input_tokens_seen - self.tokens_at_begin
@@ -51,15 +55,15 @@ class Clock(TrainerCallback):
 class Progress(TrainerCallback):
     """One line per logged step (about 20 per run) and one per validation, on the main process."""
 
-    def __init__(self, say: Callable[[str], None], clock: Clock, budget: Budget, ledger: Ledger):
-        self.say, self.clock, self.budget, self.ledger = say, clock, budget, ledger
+    def __init__(self, say: Callable[[str], None], timer: TrainTimer, budget: Budget, ledger: Ledger):
+        self.say, self.timer, self.budget, self.ledger = say, timer, budget, ledger
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         every = max(1, state.max_steps // 20)
         if "loss" in logs and (state.global_step % every == 0 or state.global_step in (1, state.max_steps)):
-            tps = self.clock.tokens_per_s(state)
+            tps = self.timer.tokens_per_s(state)
             spent = self.ledger.total_seconds()
             self.say(f"step {state.global_step}/{state.max_steps} · loss {logs['loss']:.4f} · "
                      f"lr {logs.get('learning_rate', 0):.2e} · "
@@ -73,10 +77,13 @@ class Progress(TrainerCallback):
 class BudgetGuard(TrainerCallback):
     """After each step: stop when spent + next step + a final validation would cross the $ or CO2 cap.
 
-    Also keeps the ledger current (time every step, emissions at every checkpoint)."""
+    Also keeps the ledger current (time every step, emissions at every checkpoint). Step durations are timed on
+    `clock`; validation durations are reported to it (the Trainer's `eval_runtime`, or `evaluated(seconds)`)."""
 
-    def __init__(self, budget: Budget, ledger: Ledger, carbon: CarbonMeter, intensity: float | None):
+    def __init__(self, budget: Budget, ledger: Ledger, carbon: CarbonMeter, intensity: float | None,
+                 clock: Callable[[], float] = time.monotonic):
         self.budget, self.ledger, self.carbon, self.intensity = budget, ledger, carbon, intensity
+        self.clock = clock
         self.stopped: str | None = None
         self._t0 = None
         self.step_s: list[float] = []
@@ -104,7 +111,7 @@ class BudgetGuard(TrainerCallback):
     # the guard itself, also driven directly by the DP training loop (dp.py)
 
     def step_started(self) -> None:
-        self._t0 = time.time()
+        self._t0 = self.clock()
 
     def evaluated(self, seconds: float) -> None:
         self.eval_s.append(seconds)
@@ -121,7 +128,7 @@ class BudgetGuard(TrainerCallback):
     def step_ended(self, main: bool = True) -> str | None:
         """After a step: "budget" or "co2" when the next step and a final validation would cross a cap."""
         if self._t0 is not None:
-            self.step_s.append(time.time() - self._t0)
+            self.step_s.append(self.clock() - self._t0)
         recent = self.step_s[-5:]
         step = max(recent) if recent else 0.0
         final_eval = max(self.eval_s[-3:]) if self.eval_s else step

@@ -5,7 +5,7 @@ Canaries. K secrets of one format — `My patient's ID number is 482917` (six ra
 has |R| = 10^6 elements, log2|R| ≈ 19.93 bits) — are drawn from an RNG seeded by the training seed and added to
 the training split, each `repeats` times, as extra plain-text examples: prompt = the prefix `My patient's ID number
 is` (masked, like every prompt), completion = ` 482917` + EOS. The completion-only loss therefore trains on
-exactly the secret, and the tokens scored below are the tokens trained on (both come from `_encode_pair`). K more
+exactly the secret, and the tokens scored below are the tokens trained on (both come from `encode_pair`). K more
 secrets of the same format are drawn but never inserted: the controls.
 
 Measurement. After training, the adapter's log-perplexity of a secret s is Px(s) = −log2 Pr(s | prefix), from the
@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from labscale.adapt.data import IGNORE, SplitData, TrainExample
-from labscale.errors import ConfigError
+from labscale.config import CANARY_SPACE, FinetuneSpec
 
 PREFIX = "My patient's ID number is"
 DIGITS = 6
-SPACE = 10**DIGITS  # |R|
-DEFAULT_REPEATS = 4
-DEFAULT_CANDIDATES = 1000
-MAX_CANARIES = 1000
+SPACE = CANARY_SPACE  # |R| = 10**DIGITS
+# the options' defaults and bounds are declared (and validated) in config.FinetuneSpec
+DEFAULT_REPEATS: int = FinetuneSpec.model_fields["canary_repeats"].default
+DEFAULT_CANDIDATES: int = FinetuneSpec.model_fields["canary_candidates"].default
 SCORE_BATCH = 64
 
 
@@ -77,15 +77,6 @@ class CanarySpec:
     candidates: int = DEFAULT_CANDIDATES
     seed: int = 0
 
-    def check(self) -> None:
-        if not 1 <= self.k <= MAX_CANARIES:
-            raise ConfigError(f"--canaries {self.k} is out of range", f"use 1 to {MAX_CANARIES} (0 for none)")
-        if self.repeats < 1:
-            raise ConfigError(f"--canary-repeats {self.repeats} is not a positive count", "e.g. --canary-repeats 4")
-        if not 10 <= self.candidates <= SPACE // 2:
-            raise ConfigError(f"--canary-candidates {self.candidates} is out of range",
-                              f"use 10 to {SPACE // 2} (the default is {DEFAULT_CANDIDATES})")
-
     def identity(self) -> dict:
         return {"k": self.k, "repeats": self.repeats, "candidates": self.candidates, "seed": self.seed,
                 "prefix": PREFIX, "digits": DIGITS}
@@ -111,23 +102,11 @@ def insert(train: SplitData, backend, spec: CanarySpec) -> SplitData:
     eos = backend.tokenizer.eos_token_id
     extra = []
     for i, secret in enumerate(inserted):
-        prompt, completion = backend._encode_pair(PREFIX, continuation(secret))
+        prompt, completion = backend.encode_pair(PREFIX, continuation(secret))
         completion = completion + ([eos] if eos is not None else [])
         for j in range(spec.repeats):
             extra.append(TrainExample(f"canary-{i}-{j}", prompt + completion, [IGNORE] * len(prompt) + completion))
     return SplitData(train.split, [*train.examples, *extra], list(train.skipped))
-
-
-def _scorer(backend, model):
-    """`backend` scoring with the in-memory (trained) `model` instead of loading weights."""
-    import copy
-    import inspect
-
-    scorer = copy.copy(backend)
-    scorer._model = model
-    scorer._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    scorer.spec = backend.spec.model_copy(update={"batch_size": SCORE_BATCH})
-    return scorer
 
 
 def measure(backend, model, spec: CanarySpec, n_boot: int = 1000) -> dict:
@@ -144,7 +123,7 @@ def measure(backend, model, spec: CanarySpec, n_boot: int = 1000) -> dict:
     model.eval()
     try:
         secrets = [*inserted, *controls, *candidates]
-        results = _scorer(backend, model).loglikelihood(
+        results = backend.with_model(model, batch_size=SCORE_BATCH).loglikelihood(
             [LoglikelihoodRequest(PREFIX, continuation(s)) for s in secrets])
     finally:
         model.train(was_training)

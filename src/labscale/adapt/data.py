@@ -87,10 +87,10 @@ def encode_example(backend: HFBackend, task: Task, example: Example, seed: int) 
     protocol = protocol_for(task, FINETUNED, backend.supports_loglikelihood)
     if protocol == "loglikelihood":
         context, continuations = loglikelihood_prompt(task, FINETUNED, example, seed)
-        return backend._encode_pair(context, continuations[example.gold])
+        return backend.encode_pair(context, continuations[example.gold])
     messages = chat_prompt(task, FINETUNED, example, seed)
     answer = LETTERS[example.gold] if task.type == "multiple_choice" else example.target
-    return backend._encode(backend.render(messages)), _completion_ids(backend, messages, answer)
+    return backend.encode(backend.render(messages)), _completion_ids(backend, messages, answer)
 
 
 def build_split(backend: HFBackend, task: Task, split: str, seed: int, max_seq_len: int) -> SplitData:

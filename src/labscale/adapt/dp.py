@@ -48,10 +48,21 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable
 
-from labscale.adapt import finetune as ft
 from labscale.adapt.data import IGNORE
+from labscale.adapt.session import (
+    CHECKPOINTS,
+    PROBE_BATCHES,
+    FinetuneSession,
+    TrainingRun,
+    load_base,
+    peak_accelerator_bytes,
+)
 from labscale.errors import ConfigError
+
+if TYPE_CHECKING:
+    from labscale.adapt.finetune import Job
 
 ACCOUNTANT = "rdp"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (see _last_checkpoint)
@@ -94,7 +105,8 @@ def _quiet():
 
 
 def plan_dp(spec, recipe, n: int, steps: int, world_size: int) -> DPPlan:
-    """Validate the DP settings for `n` training examples and `steps` steps, and calibrate the noise."""
+    """Check the DP settings (a validated config.DPSpec) against the job — `n` training examples, `steps` steps,
+    the recipe, the processes — and calibrate the noise."""
     if world_size > 1:
         raise ConfigError("DP training runs in a single process", "run `labscale finetune --dp` without "
                                                                   "accelerate launch")
@@ -104,10 +116,6 @@ def plan_dp(spec, recipe, n: int, steps: int, world_size: int) -> DPPlan:
     if recipe.packing:
         raise ConfigError("DP training clips each example's gradient, so it cannot pack examples",
                           "add --set packing=false")
-    if not spec.epsilon > 0 or not math.isfinite(spec.epsilon):
-        raise ConfigError(f"--epsilon {spec.epsilon:g} is not a positive number", "e.g. --epsilon 8")
-    if not spec.max_grad_norm > 0:
-        raise ConfigError(f"--max-grad-norm {spec.max_grad_norm:g} is not positive", "e.g. --max-grad-norm 1")
     delta = spec.delta if spec.delta is not None else 1 / (2 * n)
     if not 0 < delta < 1 / n:
         raise ConfigError(f"δ {delta:g} is not below 1/n = {1 / n:.3g} ({n} training examples); such a δ allows "
@@ -135,7 +143,7 @@ def _seed(seed: int, step: int, what: str) -> int:
 class DPTrainer:
     """The model, optimizer, privacy engine and progress of one DP training run (see the module docstring)."""
 
-    def __init__(self, job: ft.Job, callbacks: tuple = ()):
+    def __init__(self, job: Job, callbacks: tuple = (), clock: Callable[[], float] = time.monotonic):
         import torch
         from opacus import PrivacyEngine
         from peft import get_peft_model
@@ -144,13 +152,14 @@ class DPTrainer:
 
         from labscale.adapt.trainer import add_completion_head
 
-        self.job, self.plan, self.callbacks = job, job.dp, callbacks
+        assert job.dp is not None
+        self.job, self.plan, self.callbacks, self.clock = job, job.dp, callbacks, clock
         r = job.recipe
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(job.options.seed)  # LoRA initialisation
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
-            self.peft = get_peft_model(ft._load_model(job, self.device), ft._lora_config(r))
+            self.peft = get_peft_model(load_base(job, self.device), r.lora_config())
         add_completion_head(self.peft.get_base_model())
         trainable = [(n, p) for n, p in self.peft.named_parameters() if p.requires_grad]
         others = [n for n, _ in trainable if ".lora_A." not in n and ".lora_B." not in n]
@@ -177,8 +186,8 @@ class DPTrainer:
                 poisson_sampling=True, noise_generator=torch.Generator(device=self.device))
         self.sampler = private.batch_sampler
         assert math.isclose(self.sampler.sample_rate, self.plan.sample_rate), (self.sampler.sample_rate, self.plan)
-        self.pad = job.backend._pad_id()
-        self.state = {"global_step": 0, "train_loss_curve": [], "dev_loss_curve": [], "best_step": None,
+        self.pad = job.backend.pad_id
+        self.state: dict[str, Any] = {"global_step": 0, "train_loss_curve": [], "dev_loss_curve": [], "best_step": None,
                       "best_metric": None, "bad_evals": 0, "train_tokens": 0, "train_seconds": 0.0,
                       "examples_sampled": 0, "accountant": None}
 
@@ -269,17 +278,17 @@ class DPTrainer:
         mean = sum(r["length"] for r in self.rows) / len(self.rows)
         order = sorted(self.rows, key=lambda r: abs(r["length"] - mean))
         size = self.job.recipe.batch_size
-        batches = [b for b in (order[i * size:(i + 1) * size] for i in range(ft.PROBE_BATCHES + 1)) if b]
+        batches = [b for b in (order[i * size:(i + 1) * size] for i in range(PROBE_BATCHES + 1)) if b]
         tokens, seconds = 0, 0.0
         with _quiet():
             for i, batch in enumerate(batches):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 self._backward(batch)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 if i > 0 or len(batches) == 1:
                     tokens += sum(r["length"] for r in batch)
-                    seconds += time.perf_counter() - t0
+                    seconds += self.clock() - t0
                 self.optimizer.zero_grad(set_to_none=True)
         return tokens / max(seconds, 1e-9)
 
@@ -334,9 +343,9 @@ class DPTrainer:
 
     def validate(self, ckpt_dir: Path, guard, tell) -> bool:
         """Dev loss, checkpoint, early-stopping bookkeeping; True when patience is exhausted."""
-        t0 = time.time()
+        t0 = self.clock()
         loss = self.evaluate()
-        guard.evaluated(time.time() - t0)
+        guard.evaluated(self.clock() - t0)
         s = self.state
         t = s["global_step"]
         s["dev_loss_curve"].append([t, round(loss, 6)])
@@ -362,9 +371,9 @@ class DPTrainer:
             for cb in self.callbacks:
                 getattr(cb, "on_step_begin", lambda *a, **k: None)(args, cb_state, control)
             guard.step_started()
-            t0 = time.time()
+            t0 = self.clock()
             loss = self.step()
-            self.state["train_seconds"] += time.time() - t0
+            self.state["train_seconds"] += self.clock() - t0
             t = self.state["global_step"]
             if t % every == 0 or t in (1, job.steps):
                 tps = self.state["train_tokens"] / max(self.state["train_seconds"], 1e-9)
@@ -421,46 +430,41 @@ class DPTrainer:
             "train_tokens_per_s": s["train_tokens"] / s["train_seconds"] if s["train_seconds"] > 0 else None,
             "wall_s": ledger.total_seconds(), "segments": ledger.segments(),
             "resumed_from": run_info.get("resumed_from", []), "peak_rss_bytes": peak_rss,
-            "peak_accelerator_bytes": ft._peak_accelerator_bytes(),
+            "peak_accelerator_bytes": peak_accelerator_bytes(),
         }
 
 
-def run_dp_job(job: ft.Job, say: ft.Say, callbacks: tuple = (), keep_model: bool = False) -> ft.FinetuneResult:
-    """`run_job` for a DP job: the same announcements, budget, ledger, resume and card as the Trainer path."""
-    from transformers.utils import logging as hf_logging
+class DPRun(TrainingRun):
+    """The DP-SGD `TrainingRun` for the session (session.py): one process, the loop of `DPTrainer`."""
 
-    from labscale.adapt.callbacks import BudgetGuard
-    from labscale.adapt.carbon import CarbonMeter, carbon_intensity
-    from labscale.adapt.ledger import Ledger
-    from labscale.efficiency.meter import PeakRSS
+    trainer: DPTrainer  # once loaded
 
-    hf_logging.set_verbosity_error()
-    existed = job.out.exists()
-    ckpt_dir = job.out / ft.CHECKPOINTS
-    ft._announce(job, say)
-    run_info = ft._start_run(job, True)
-    ledger = Ledger(ckpt_dir / ft.LEDGER_FILE)
-    carbon = CarbonMeter(job.options.country, enabled=True, machine=False)
-    guard = BudgetGuard(job.budget(), ledger, carbon, carbon_intensity(job.options.country))
-    with PeakRSS() as mem, ft._metered(job, ledger, carbon, existed, True):
-        if job.checkpoint is not None:
-            say(f"resuming from {job.checkpoint.name}")
-        trainer = DPTrainer(job, callbacks)
-        if job.checkpoint is not None:
-            trainer.restore(job.checkpoint)
-        tps = trainer.probe()
-        fresh = "dev_loss_before" not in run_info
-        est = ft._estimate(job, tps, trainer.state["global_step"], fresh, ledger, carbon)
-        ft._refuse_over_budget(job, est, say)
-        if fresh:
-            before = trainer.evaluate()
-            say(f"dev loss {before:.4f} before training")
-            run_info["dev_loss_before"] = before
-            ft._write_run(job, run_info, True)
-        stopped = trainer.train(ckpt_dir, guard, ledger, say)
-    trainer.finish(ckpt_dir, job.out)
-    canaries = ft._measure_canaries(job, trainer.peft)
-    card = ft._card(job, trainer.training_card(run_info, ledger, mem.peak_bytes), ledger, est, stopped,
-                    dp=trainer.privacy_card(), canaries=canaries)
-    ft._finish(job, card, say)
-    return ft.FinetuneResult(job.out, card, False, trainer.peft if keep_model else None)
+    def __init__(self, job: Job, callbacks: tuple = ()):
+        self.job, self.callbacks = job, callbacks
+
+    def load(self, session: FinetuneSession) -> None:
+        self.trainer = DPTrainer(self.job, self.callbacks, session.clock)
+        if self.job.checkpoint is not None:
+            self.trainer.restore(self.job.checkpoint)
+
+    def done_steps(self) -> int:
+        return self.trainer.state["global_step"]
+
+    def probe(self, clock) -> float:
+        return self.trainer.probe()  # timed on the session's clock, which the DPTrainer was given
+
+    def evaluate(self) -> float:
+        return self.trainer.evaluate()
+
+    def train(self, session: FinetuneSession) -> str:
+        return self.trainer.train(self.job.out / CHECKPOINTS, session.guard, session.ledger, session.tell)
+
+    def save(self, out: Path):
+        self.trainer.finish(self.job.out / CHECKPOINTS, out)
+        return self.trainer.peft
+
+    def training_card(self, session: FinetuneSession) -> dict:
+        return self.trainer.training_card(session.run_info, session.ledger, session.peak_rss)
+
+    def privacy_card(self) -> dict:
+        return self.trainer.privacy_card()

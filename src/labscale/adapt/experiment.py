@@ -71,11 +71,6 @@ def finetune_adaptations(exp: Experiment, tasks: list[Task]) -> list[FinetuneAda
     for a in exp.adaptations:
         spec = base_model_spec(exp, a.model, a.quantization)
         out_dir = None if a.out is None else (exp.base_dir / a.out).resolve()
-        options = FinetuneOptions(
-            model=spec, task=by_name[a.task], recipe=a.recipe, overrides=dict(a.overrides), max_steps=a.max_steps,
-            out=out_dir, log=a.log, seed=exp.seed if a.seed is None else a.seed, budget_usd=a.budget_usd,
-            co2_cap_kg=a.co2_cap_kg, hardware=a.hardware, price_per_hour=a.price_per_hour, country=a.country,
-            dp=a.dp, canaries=a.canaries, canary_repeats=a.canary_repeats, canary_candidates=a.canary_candidates,
-        )
+        options = FinetuneOptions.of(a, spec, by_name[a.task], out=out_dir, default_seed=exp.seed)
         out.append(FinetuneAdaptation(a.name or spec.label, spec, prepare_job(options, world_size=1)))
     return out

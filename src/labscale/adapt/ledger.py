@@ -2,7 +2,8 @@
 carbon cover all the work, including work lost to an interruption.
 
 Stored as JSON beside the checkpoints, rewritten atomically after every step (time) and every checkpoint
-(emissions); only the main process writes.
+(emissions); only the main process writes. Durations come from `clock` (default `time.monotonic`; injectable for
+tests); `started_at` is the wall-clock time the segment began.
 """
 
 from __future__ import annotations
@@ -10,25 +11,28 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from labscale.atomic import write_atomic
 
 
 class Ledger:
-    def __init__(self, path: Path, writable: bool = True):
+    def __init__(self, path: Path, writable: bool = True, clock: Callable[[], float] = time.monotonic):
         self.path = path
+        self.clock = clock
         self.writable = writable
         try:
             self.prior: list[dict] = json.loads(path.read_text())["segments"]
         except (OSError, ValueError, KeyError, TypeError):
             self.prior = []
         self.started = time.time()
+        self._t0 = clock()
         self.kg = 0.0  # this segment's emissions measured so far
         self.kwh = 0.0
 
     @property
     def segment_seconds(self) -> float:
-        return time.time() - self.started
+        return self.clock() - self._t0
 
     @property
     def prior_seconds(self) -> float:

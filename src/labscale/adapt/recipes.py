@@ -74,6 +74,13 @@ class Recipe(BaseModel):
         per_epoch = math.ceil(n_train / (self.batch_size * self.grad_accum * world_size))
         return max(1, math.ceil(per_epoch * self.epochs))
 
+    def lora_config(self):
+        """peft's LoraConfig for this recipe (both trainers attach exactly this)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+
     def training_fields(self) -> dict:
         """What determines the trained adapter (the match keys, name and note do not)."""
         return self.model_dump(mode="json", exclude={"name", "size", "task", "quant", "hardware", "note"})

@@ -82,16 +82,18 @@ class AdapterBackend(HFBackend):
                              "pass the folder written by `labscale finetune`")
         self.folder = path
         self.card = read_card(path)
+        self._adapter_fingerprint: str | None = None
         base = resolve_model(base_spec(path, spec, self.card))
         if not isinstance(base, HFBackend):
             raise ModelError(f"the base model of adapter '{folder}' is not a local model", "use embedded: or hf:")
         self.base = base
         super().__init__(base.spec.model_copy(update={"name": spec.label}), base.source, spec.label,
-                         extra=dict(base._extra))
+                         extra=base.extra)
 
     @property
-    def info(self) -> ModelInfo:
-        if self._info is None:
+    def fingerprint(self) -> str:
+        """sha256(base fingerprint, adapter hash)[:16]; refuses an adapter trained on other base weights."""
+        if self._adapter_fingerprint is None:
             base_fp = self.base.info.fingerprint
             trained_on = (self.card or {}).get("base_model", {}).get("fingerprint")
             if trained_on and trained_on != base_fp:
@@ -100,23 +102,26 @@ class AdapterBackend(HFBackend):
                     f"{self.base.info.name} is now {base_fp}",
                     "evaluate it with the base model it was trained on, or fine-tune again",
                 )
-            self._fingerprint = hashlib.sha256(f"{base_fp}\0{adapter_hash(self.folder)}".encode()).hexdigest()[:16]
-            info = super().info
-            info.backend = "adapter"
-            summary = (self.card or {}).get("summary")
-            info.adaptation = summary
-            info.extra.update(adapter=str(self.folder), base_model=self.base.info.name, base_fingerprint=base_fp,
-                              **({"adaptation": summary} if summary else {}))
-        return self._info
+            self._adapter_fingerprint = hashlib.sha256(
+                f"{base_fp}\0{adapter_hash(self.folder)}".encode()).hexdigest()[:16]
+        return self._adapter_fingerprint
+
+    def describe(self) -> ModelInfo:
+        info = super().describe()
+        info.backend = "adapter"
+        summary = (self.card or {}).get("summary")
+        info.adaptation = summary
+        info.extra.update(adapter=str(self.folder), base_model=self.base.info.name,
+                          base_fingerprint=self.base.info.fingerprint, **({"adaptation": summary} if summary else {}))
+        return info
 
     @property
     def model(self):
-        if self._model is None:
-            HFBackend.model.fget(self)  # the base weights
+        if not self.loaded:
+            _ = super().model  # the base weights
             self.load_adapter(ADAPTER_NAME, self.folder)
-            self._peft.base_model.set_adapter(ADAPTER_NAME)
-            self._peft.base_model.enable_adapter_layers()  # always on: requests need no adapter name
-        return self._model
+            self.pin_adapter(ADAPTER_NAME)  # always on: requests need no adapter name
+        return super().model
 
     def load_adapter(self, name: str, path) -> None:
         if name != ADAPTER_NAME:

@@ -1,0 +1,210 @@
+"""Generation: requests → batches → new tokens → text.
+
+Requests are grouped by decoding parameters, sorted by prompt length (longest first) and run in batches of
+`spec.batch_size`. Each batch runs on labscale's own decode path (fastdecode.py) where the model suits it, else as
+one left-padded `model.generate` call (`generate_with_transformers`). Greedy when temperature is 0, else sampling
+with temperature and top_p (top_k off) after `torch.manual_seed(seed)` per batch. The model's own
+`generation_config` sampling defaults (repetition penalty, top_k, …) are not applied: the experiment's decoding
+parameters are the whole story. A row stops at EOS (the tokenizer's and the generation config's) or once its
+generated text contains a stop string; its text is then cut at the first stop string. Greedy batched output
+equals one-at-a-time `model.generate` output (tested); in floating point the two can in principle differ on a
+near-tie, as any change of batch shape can.
+
+Streaming. `generate(..., on_token=f)` calls `f(request index, token id)` for every new token as the fast path
+produces it (EOS included); the `model.generate` fallback produces no per-token calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from labscale.errors import ModelError
+from labscale.models.base import GenerationRequest, GenerationResult, Progress
+from labscale.models.hf.loading import oom_guard
+
+if TYPE_CHECKING:
+    from labscale.models.hf.backend import HFBackend
+
+TokenCallback = Callable[[int, int], None]  # (request index, new token id)
+
+
+def generate(
+    backend: HFBackend,
+    requests: list[GenerationRequest],
+    progress: Progress | None = None,
+    on_token: TokenCallback | None = None,
+) -> list[GenerationResult]:
+    """Results in request order (see the module docstring)."""
+    if not requests:
+        return []
+    backend.adapter_set.check([r.adapter for r in requests])
+    encoded = [backend.encode(r.prompt) for r in requests]
+    ctx = backend.context_length
+    for r, ids in zip(requests, encoded):
+        if len(ids) + r.params.max_new_tokens > ctx:
+            raise ModelError(
+                f"a prompt of {len(ids)} tokens plus {r.params.max_new_tokens} new tokens exceeds "
+                f"{backend.display_name}'s context length of {ctx}",
+                "use fewer or shorter examples in the prompt, or lower max_new_tokens",
+            )
+    _ = backend.model
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[r.params].append(i)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    bs = backend.spec.batch_size
+    for params, idxs in groups.items():
+        idxs.sort(key=lambda i: (-len(encoded[i]), i))
+        for start in range(0, len(idxs), bs):
+            batch = idxs[start : start + bs]
+            cb = None if on_token is None else (lambda j, t, batch=batch: on_token(batch[j], t))
+            with oom_guard(backend.display_name, backend.device, len(batch)):
+                out = generate_batch(backend, [encoded[i] for i in batch], params,
+                                     [requests[i].adapter for i in batch], cb)
+            for i, res in zip(batch, out):
+                results[i] = res
+            if progress is not None:
+                progress(len(batch))
+    return results  # type: ignore[return-value]
+
+
+def generate_batch(
+    backend: HFBackend,
+    batch: list[list[int]],
+    params,
+    adapters: list[str | None] | None = None,
+    on_token: TokenCallback | None = None,
+) -> list[GenerationResult]:
+    """One batch of encoded prompts: new tokens (fast path, else `model.generate`), decoded and cut at stops."""
+    import torch
+
+    model = backend.model
+    device = model.device
+    tok = backend.tokenizer
+    adapter_set = backend.adapter_set
+    names = adapter_set.row_names(adapters)
+    eos = backend.eos_ids
+    pad = backend.pad_id
+    if params.temperature > 0:
+        torch.manual_seed(params.seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), adapter_set.scope(names):
+        out = None
+        fast = backend.fast_decoder
+        if fast.suitable is not False:
+            out = fast.decode(batch, params, lambda ns: adapter_set.forward(model, ns), names, set(eos), pad, tok,
+                              on_token)
+        if out is None:
+            generator, kw = adapter_set.generating_model(model, names)
+            out = generate_with_transformers(generator, tok, batch, params, eos, pad, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    results = []
+    for ids, (gen, reason) in zip(batch, out):
+        text = tok.decode(gen, skip_special_tokens=True)
+        if params.stop:
+            cut = min((p for p in (text.find(s) for s in params.stop) if p >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        results.append(
+            GenerationResult(
+                text=text,
+                prompt_tokens=len(ids),
+                new_tokens=len(gen),
+                latency_s=wall,
+                compute_s=wall / len(batch),
+                finish_reason=reason,
+            )
+        )
+    return results
+
+
+def generation_config(params, eos: list[int], pad: int):
+    """A GenerationConfig with exactly the experiment's decoding parameters (none of the model's defaults)."""
+    from transformers import GenerationConfig
+
+    sample = params.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        temperature=float(params.temperature) if sample else 1.0,
+        top_p=float(params.top_p) if sample else 1.0,
+        top_k=0 if sample else None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        eos_token_id=eos or None,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+
+
+def generate_with_transformers(
+    model, tokenizer, batch: list[list[int]], params, eos: list[int], pad: int, **kw
+) -> list[tuple[list[int], str]]:
+    """The fallback for models the fast path does not handle: one left-padded `model.generate` call (`model` is
+    the PeftModel and `kw` carries per-row `adapter_names` when the batch uses adapters). Per row: the new tokens
+    up to and including EOS / the token completing a stop string, and the finish reason."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    device = model.device
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for j, ids in enumerate(batch):
+        input_ids[j, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[j, width - len(ids) :] = 1
+    eos_set = set(eos)
+    stopper = stop_strings(tokenizer, params.stop, width, len(batch), eos_set) if params.stop else None
+    if stopper is not None:
+        kw["stopping_criteria"] = StoppingCriteriaList([stopper])
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        generation_config=generation_config(params, eos, pad),
+        **kw,
+    )
+    results = []
+    for j, gen in enumerate(out[:, width:].tolist()):
+        stop_at = stopper.stopped_at[j] if stopper is not None else None
+        eos_at = next((k for k, t in enumerate(gen) if t in eos_set), None)
+        if stop_at is not None and (eos_at is None or stop_at <= eos_at):
+            results.append((gen[:stop_at], "stop"))
+        elif eos_at is not None:
+            results.append((gen[: eos_at + 1], "stop"))
+        else:
+            results.append((gen, "length"))
+    return results
+
+
+def stop_strings(tokenizer, stops: tuple[str, ...], prompt_width: int, batch: int, eos: set[int]):
+    """Stopping criterion: a row stops once its generated text (special tokens skipped) contains a stop string.
+
+    Looks only at the generated part (a stop string spanning the prompt does not count) and records, per row, how
+    many tokens had been generated when it stopped (`stopped_at`). Rows that already produced EOS are left to
+    `generate`. One batched decode per step, only for rows still running: negligible next to a forward pass.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopStrings(StoppingCriteria):
+        def __init__(self):
+            self.stopped_at: list[int | None] = [None] * batch
+
+        def __call__(self, input_ids, scores, **kwargs):
+            gen = input_ids[:, prompt_width:].tolist()
+            todo = [j for j, g in enumerate(gen) if self.stopped_at[j] is None and not (eos & set(g))]
+            if todo:
+                texts = tokenizer.batch_decode([gen[j] for j in todo], skip_special_tokens=True)
+                for j, text in zip(todo, texts):
+                    if any(s in text for s in stops):
+                        self.stopped_at[j] = len(gen[j])
+            done = [s is not None for s in self.stopped_at]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
