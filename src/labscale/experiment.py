@@ -89,17 +89,21 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     return Validated(exp, plans, adaptations, {t.name: t for t in tasks}, test_sets, notices, models)
 
 
-def adapt(v: Validated, say: Say = _stderr) -> list:
-    """Phase 2: print every adaptation's estimate first (so a refusal comes before any spending), then run each."""
+def adapt(v: Validated, store, say: Say = _stderr) -> list:
+    """Phase 2: print every adaptation's estimate first (so a refusal comes before any spending), then run each;
+    their model calls go through `store`'s generation cache."""
+    from labscale.adapt.adaptation import AdaptContext
+
     if not v.adaptations:
         return []
     say(f"adapt: {len(v.adaptations)} adaptation(s)")
     for a in v.adaptations:
         say(f"  {a.estimate()}")
     adapted = []
+    ctx = AdaptContext(store, say)
     for i, a in enumerate(v.adaptations, 1):
         say(f"adapt [{i}/{len(v.adaptations)}]: {a.kind} {a.label} on {a.task.name} (identity {a.identity})")
-        adapted.append(a.run(say))
+        adapted.append(a.run(ctx))
     return adapted
 
 
@@ -154,16 +158,25 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     for notice in v.notices:
         say(f"notice: {notice}")
     say(f"validate: {v.summary()}")
-    adapted = adapt(v, say)
-    plans = plan(v, adapted)
-    if adapted:
-        say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
-    for line in warnings(plans):
-        say(f"warning: {line}")
+    created = not db.exists()
     store = open_store(db)  # only now: bad input leaves the database untouched
     stopped: LabscaleError | None = None
     runner = None
     try:
+        try:
+            adapted = adapt(v, store, say)
+        except BaseException:
+            # a refused adaptation (e.g. over budget) before any model call leaves no new database behind
+            if created and not any(store.counts()[t] for t in ("generations", "loglikelihoods")):
+                store.close()
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{db}{suffix}").unlink(missing_ok=True)
+            raise
+        plans = plan(v, adapted)
+        if adapted:
+            say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
+        for line in warnings(plans):
+            say(f"warning: {line}")
         config = exp.model_dump(mode="json")
         if limit:
             config["limit"] = limit
@@ -180,6 +193,8 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
             stopped = e
     finally:
         store.close()
+    if runner is None:  # stopped while adapting: nothing was evaluated in this invocation
+        raise stopped if stopped is not None else LabscaleError("the experiment stopped before evaluating")
     report = write_report(db)
     results = load_results(db, exp.name)
     results.report = report

@@ -8,7 +8,9 @@ An experiment's `adapt` phase (engine/experiment.py) handles every adaptation th
    determines its result — and whether that result already exists (`reused`);
 2. `estimate()` gives one line about what running it will do and cost, printed before anything runs; an
    adaptation that can tell before spending anything that it would exceed its budget raises here;
-3. `run(say)` produces the result (or reuses an identical earlier one) and reports progress through `say`;
+3. `run(ctx)` produces the result (or reuses an identical earlier one), reports progress through `ctx.say`, and
+   sends any model calls (a teacher labelling data, an optimizer's trials) through the experiment's generation
+   cache, `ctx.cache` (engine/cache.py) — so an interrupted adaptation resumes without repeating a call;
 4. the result names the model to evaluate (`spec`, `backend`), the setting its runs appear under
    (e.g. `finetuned`) and the `card`: how it was made and what it cost (the report's Adaptations section).
 """
@@ -19,11 +21,25 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from labscale.config import ModelSpec
+from labscale.engine.cache import GenerationCache
+from labscale.engine.store import Store
 from labscale.models.base import ModelBackend
 from labscale.settings.setting import Setting
 from labscale.tasks.base import Task
 
 Say = Callable[[str], None]
+
+
+@dataclass
+class AdaptContext:
+    """What an adaptation may use while it runs: the experiment's store (its generation cache) and a printer."""
+
+    store: Store
+    say: Say
+
+    @property
+    def cache(self) -> GenerationCache:
+        return GenerationCache(self.store)
 
 
 @dataclass
@@ -55,4 +71,4 @@ class Adaptation(Protocol):
         """One line on what `run` will do and what it may cost; raises a LabscaleError when it can already tell
         that the budget would be exceeded."""
 
-    def run(self, say: Say) -> Adapted: ...
+    def run(self, ctx: AdaptContext) -> Adapted: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labscale.adapt.adaptation import Adapted, Say
+from labscale.adapt.adaptation import AdaptContext, Adapted
 from labscale.adapt.data import FINETUNED
 from labscale.adapt.finetune import FinetuneOptions, Job, prepare_job, run_job
 from labscale.config import Experiment, ModelSpec
@@ -55,10 +55,10 @@ class FinetuneAdaptation:
                 f"examples with recipe {j.recipe.name}, budget ${j.options.budget_usd:g} (a timed probe checks "
                 "the estimate before training)")
 
-    def run(self, say: Say) -> Adapted:
+    def run(self, ctx: AdaptContext) -> Adapted:
         from labscale.models.adapter import AdapterBackend
 
-        result = run_job(self.job, say)
+        result = run_job(self.job, ctx.say)
         run_spec = self.spec.model_copy(update={"id": f"adapter:{result.out.resolve()}", "name": self.label})
         return Adapted(run_spec, AdapterBackend(run_spec, str(result.out)), self.task, FINETUNED, result.card,
                        result.reused)

@@ -9,32 +9,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from labscale.answers import parse_answer
-from labscale.engine.plan import Item, RunPlan
+from labscale.engine.cache import Counts, GenerationCache, generation_key, loglikelihood_key
+from labscale.engine.plan import RunPlan
 from labscale.engine.store import Store
 from labscale.example import UNPARSEABLE, Outcome
-from labscale.hashing import sha
-from labscale.models.base import GenerationRequest, LoglikelihoodRequest
-
-
-@dataclass
-class Counts:
-    new: int = 0
-    cached: int = 0
-    failed: int = 0  # requests that failed after their retries (recorded, not cached)
-
-
-def generation_key(fingerprint: str, prompt: str, params: dict) -> str:
-    return sha(["generate", fingerprint, prompt, params])
-
-
-def loglikelihood_key(fingerprint: str, context: str, continuation: str) -> str:
-    return sha(["loglikelihood", fingerprint, context, continuation])
+from labscale.models.base import LoglikelihoodRequest
 
 
 def _chunks(seq: list, size: int):
@@ -178,58 +162,19 @@ class Runner:
     # -- model calls through the cache ---------------------------------------------------------------------
 
     def _generate(self, plan: RunPlan, advance):
-        from labscale.efficiency.cost import cost_usd
-
-        fp = plan.backend.info.fingerprint
-        price = plan.backend.info.price
-        params = plan.decoding.key()
-        keys = [generation_key(fp, it.prompt, params) for it in plan.items]
-        have = self.store.cached_generations(keys)
-        for key, row in have.items():
-            self.cap.add(key, cost_usd(price, row["prompt_tokens"], row["new_tokens"]))
-        todo: dict[str, Item] = {}
-        for key, it in zip(keys, plan.items):
-            if key not in have and key not in todo:
-                todo[key] = it
-        hits = sum(k in have for k in keys)
-        self.generations.cached += hits
-        advance(hits)
-        failures: dict[str, str] = {}
-        # Longest prompts first, one backend batch per chunk: each chunk is committed before the next starts.
-        pending = sorted(todo.items(), key=lambda kv: -kv[1].tokens)
-        while pending:
-            chunk = pending[: plan.model.batch_size]
-            if price is not None:  # API spending: admit only what fits under the cost limit, worst case
-                worst = [cost_usd(price, it.tokens, plan.decoding.max_new_tokens) or 0.0 for _, it in chunk]
-                chunk = chunk[: self.cap.admit(worst)]
-            pending = pending[len(chunk):]
-            results = plan.backend.generate([GenerationRequest(it.prompt, plan.decoding) for _, it in chunk])
-            self.store.put_generations([
-                {"key": key, "model_fingerprint": fp, "prompt": it.prompt, "params": params, "text": r.text,
-                 "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens, "latency_s": r.latency_s,
-                 "compute_s": r.compute_s, "finish_reason": r.finish_reason, "usage_estimated": r.usage_estimated}
-                for (key, it), r in zip(chunk, results) if r.error is None
-            ])
-            for (key, _), r in zip(chunk, results):
-                if r.error is None:
-                    self.cap.add(key, cost_usd(price, r.prompt_tokens, r.new_tokens))
-                    self.generations.new += 1
-                else:
-                    failures[key] = r.error
-                    self.generations.failed += 1
-                self._retries += r.retries
-            done = {key for key, _ in chunk}
-            advance(sum(k in done for k in keys))
-        rows = self.store.cached_generations(keys)
+        calls = GenerationCache(self.store, self.generations, self.cap).generate(
+            plan.backend, [(it.prompt, it.tokens) for it in plan.items], plan.decoding, plan.model.batch_size, advance)
+        self._retries += calls.retries
         outcomes = []
-        for key, it in zip(keys, plan.items):
-            if key in failures:
-                outcomes.append(Outcome(it.example, "", UNPARSEABLE, failed=failures[key]))
+        for key, it in zip(calls.keys, plan.items):
+            if key in calls.failures:
+                outcomes.append(Outcome(it.example, "", UNPARSEABLE, failed=calls.failures[key]))
                 continue
-            text = rows[key]["text"]
+            text = calls.rows[key]["text"]
             prediction = parse_answer(plan.task, it.example, text, cot=plan.setting.kind == "cot")
             outcomes.append(Outcome(it.example, text, prediction))
-        return outcomes, [[k] for k in keys], [rows[k] for k in dict.fromkeys(keys) if k in rows]
+        return outcomes, [[k] for k in calls.keys], [calls.rows[k] for k in dict.fromkeys(calls.keys)
+                                                      if k in calls.rows]
 
     def _loglikelihood(self, plan: RunPlan, advance):
         fp = plan.backend.info.fingerprint
