@@ -260,7 +260,23 @@ def test_bbq_and_crows_pairs_end_to_end(tmp_path, capsys, monkeypatch):
     assert "bbq" in db.with_suffix(".md").read_text()
 
 
-def test_annotation_script_is_documented():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bbq_annotations.py"
-    text = script.read_text()
-    assert "CC-BY-4.0" in text and "bbq_lite" in text and "--out" in text
+def test_annotation_script_steps_behave_as_documented():
+    """The building blocks of scripts/bbq_annotations.py do what its docstring says (the whole script needs the
+    358 MB bigbench sdist, so its output is checked by the shipped file's tests instead)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bbq_annotations.py"
+    spec = importlib.util.spec_from_file_location("bbq_annotations", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # names blanked as whole words, longest first, any case: two templates compare equal whatever the names
+    assert script.skeleton("The  pregnant employee met the Employee.", ["employee", "pregnant employee"]) == \
+        "The \x00 met the \x00."
+    assert script.affixes("The grandfather", "grandfather") == ("the ", "")
+    assert script.strip_affixes("the grandson", ("the ", "")) == "grandson"
+    assert script.strip_affixes("grandson", ("the ", "")) is None  # the prefix must be there
+    # "F-Black" splits into its parts; woman/girl → f, man/boy → m; trans_F → trans, f
+    assert {"f", "black"} <= script.group_tokens("Latisha", "F-Black")
+    assert "m" in script.group_tokens("man", "man") and {"trans", "f"} <= script.group_tokens("x", "trans_F")
+    assert script.similarity("a b c d e", "a b c d e") == 1.0 and script.similarity("a b c d", "w x y z") == 0.0
+    assert script.MIN_SIMILARITY == 0.8

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from labscale.adapt.data import build_split, encode_example
 from labscale.adapt.finetune import CHECKPOINTS, FinetuneOptions, finetune
 from labscale.config import ModelSpec, TaskSpec
-from labscale.errors import DataError, LabscaleError, ModelError
+from labscale.errors import DataError, ModelError
 from labscale.models.registry import resolve_model
 from labscale.settings.setting import chat_prompt, loglikelihood_prompt, parse_setting
 from labscale.tasks.registry import get_task
@@ -492,7 +492,15 @@ def test_bad_adaptation_leaves_the_database_untouched(tiny_llm, notes, tmp_path,
     assert not (tmp_path / "runs" / "adapters").exists() or not any((tmp_path / "runs" / "adapters").iterdir())
 
 
-def test_labscale_errors_are_labscale_errors():
+def test_a_budget_refusal_is_a_one_line_cli_error(capsys, monkeypatch):
+    """BudgetExceeded reaches the user like every LabscaleError: one line, cause — fix, exit 2."""
+    import labscale.cli as cli_module
     from labscale.adapt.budget import BudgetExceeded
 
-    assert issubclass(BudgetExceeded, LabscaleError)
+    def refuse(*a, **k):
+        raise BudgetExceeded("estimated $3.10 exceeds the budget $1", "raise --budget or lower --max-steps")
+
+    monkeypatch.setattr(cli_module, "app", refuse)
+    code, out, err = cli(capsys, monkeypatch, "finetune")
+    assert code == 2 and err.strip() == "error: estimated $3.10 exceeds the budget $1 — raise --budget or lower " \
+                                       "--max-steps", err
