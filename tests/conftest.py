@@ -9,6 +9,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+
+def pytest_collection_modifyitems(items):
+    """A test that loads a real embedded model takes seconds at least: `real_model` implies `slow`, so the fast set
+    (-m "not slow") never loads one."""
+    for item in items:
+        if item.get_closest_marker("real_model") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -145,6 +145,7 @@ def test_aggregates_on_row_subsets_and_nan():
 
 # --- the real embedded model ---------------------------------------------------------------------------------------
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_prompts_fit_the_embedded_model(task):
     """The worst few-shot:1 prompt (longest train input as the shot, longest input overall) plus the cot budget."""
@@ -162,6 +163,7 @@ def test_prompts_fit_the_embedded_model(task):
     assert n + 256 <= 2048
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_end_to_end_with_the_embedded_model(tmp_path, capsys, monkeypatch):
     exp = write_experiment(tmp_path / "a.yaml", name="a", models=[{"id": "embedded:smollm2-135m-instruct"}],

@@ -13,13 +13,32 @@ def base(tiny_llm):
             "limit": 2, "generation": {"max_new_tokens": 4}}
 
 
-@pytest.fixture
-def db(tmp_path, base, capsys, monkeypatch):
-    """A database holding one finished experiment."""
-    path = tmp_path / "existing.db"
-    exp = write_experiment(tmp_path / "good.yaml", **base)
-    code, _, err = cli(capsys, monkeypatch, "run", exp, "--db", path)
+@pytest.fixture(scope="module")
+def finished_db(tmp_path_factory, base):
+    """A database holding one finished experiment (made once; each test gets its own copy)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    path = tmp / "existing.db"
+    exp = write_experiment(tmp / "good.yaml", **base)
+    with pytest.MonkeyPatch.context() as mp:
+        code, _, err = cli(_NoCapture(), mp, "run", exp, "--db", path)
     assert code == 0, err
+    return path
+
+
+class _NoCapture:
+    """capsys for a module-scoped fixture: nothing to read back."""
+
+    def readouterr(self):
+        return "", ""
+
+
+@pytest.fixture
+def db(tmp_path, finished_db):
+    """A copy of a database holding one finished experiment."""
+    import shutil
+
+    path = tmp_path / "existing.db"
+    shutil.copy(finished_db, path)
     return path
 
 

@@ -230,6 +230,7 @@ def test_crows_pairs_metrics_by_hand():
 # ------------------------------------------------------------------------------- end to end, real model
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_bbq_and_crows_pairs_end_to_end(tmp_path, capsys, monkeypatch):
     exp = write_experiment(tmp_path / "bias.yaml", name="bias", models=[{"id": "embedded:smollm2-135m-instruct"}],

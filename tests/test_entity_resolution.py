@@ -199,6 +199,7 @@ def test_answer_format_rates():
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_model_end_to_end(tmp_path, capsys, monkeypatch):
     import torch

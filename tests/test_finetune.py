@@ -214,6 +214,8 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tiny_llm, notes, tmp_p
     assert [v for _, v in t["train_loss_curve"]] == pytest.approx(losses, abs=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_kill_9_then_the_same_command_resumes(tiny_llm, exp_file, tmp_path):
     import os
     import subprocess

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from helpers import write_experiment
 
 SYMPTOMS = ["headache", "fever", "cough", "chest pain", "nausea", "back pain", "sore throat", "dizziness"]
@@ -22,6 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_accelerate_launch_two_cpu_processes(tiny_llm, tmp_path):
     import csv
 

@@ -113,6 +113,7 @@ def _check(ws, code: int, err: str, db, before: bytes) -> None:
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.mark.slow
 @given(data=st.data())
 def test_fuzzed_experiment_files_exit_cleanly(workspace, data):
     ws, model = workspace
@@ -131,6 +132,7 @@ def test_fuzzed_experiment_files_exit_cleanly(workspace, data):
 
 @settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.mark.slow
 @given(content=data_files)
 def test_fuzzed_data_files_exit_cleanly(workspace, content):
     ws, model = workspace

@@ -156,6 +156,7 @@ def test_name_output_change_by_hand():
     assert metric.score(outcomes) == pytest.approx(2 / 3) and metric.family == "bias" and not metric.higher_is_better
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_counterfactual_names_on_the_embedded_model(tmp_path, capsys, monkeypatch):
     exp = write_experiment(tmp_path / "cf.yaml", name="cf", models=["embedded:smollm2-135m-instruct"],

@@ -166,6 +166,7 @@ def test_mc_generative_protocol_and_failures():
     assert acc_norm.score(ll) == 0.5
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_bertscore_matches_bert_score():
     import bert_score

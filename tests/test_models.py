@@ -609,6 +609,7 @@ def smollm():
     b.close()
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_conversion_is_idempotent_and_fingerprint_stable(smollm):
     folder = embedded.ensure_converted("smollm2-135m-instruct")
@@ -621,6 +622,7 @@ def test_real_conversion_is_idempotent_and_fingerprint_stable(smollm):
     assert embedded.list_embedded()[0]["converted"] is True
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_converted_equals_gguf(smollm):
     """The converted safetensors weights are exactly the de-quantized GGUF weights."""
@@ -634,6 +636,7 @@ def test_real_converted_equals_gguf(smollm):
     assert all(torch.equal(ref[k], ours[k]) for k in ref)
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_batched_greedy_equals_one_at_a_time(smollm):
     prompts = [chat(smollm, q) for q in REAL_QUESTIONS]
@@ -645,6 +648,7 @@ def test_real_batched_greedy_equals_one_at_a_time(smollm):
     assert "Paris" in results[0].text
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_loglikelihood_sanity(smollm):
     reqs = [
@@ -661,6 +665,7 @@ def test_real_loglikelihood_sanity(smollm):
         assert math.isclose(res.logprob, lp, rel_tol=1e-4, abs_tol=1e-3)
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_real_quantized_embedded_model_on_cpu(quantization):

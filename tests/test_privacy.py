@@ -205,6 +205,7 @@ def test_per_example_gradients_are_each_examples_own(tiny_llm, notes, tmp_path):
         trainer.optimizer.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_dp_resume_keeps_the_accountant(tiny_llm, notes, tmp_path):
     dp = DPSpec(epsilon=8)
     straight = finetune(options(tiny_llm, notes, tmp_path / "straight", max_steps=6, dp=dp), say=quiet)
@@ -238,6 +239,7 @@ def test_qlora_with_dp_trains_on_cpu(tiny_llm, notes, tmp_path):
     assert resolve_model(ModelSpec(id=f"adapter:{result.out}")).info.quantization == "4bit"
 
 
+@pytest.mark.slow
 def test_identity_covers_dp_and_canaries(tiny_llm, notes, tmp_path):
     def identity(**kw):
         return prepare_job(options(tiny_llm, notes, None, adapters_dir=tmp_path, **kw)).identity
@@ -292,6 +294,7 @@ def test_dp_budget_refusal_leaves_nothing_behind(tiny_llm, exp_file, tmp_path, c
 # ------------------------------------------------------------------------------------------ experiment files
 
 
+@pytest.mark.slow
 def test_experiment_trains_lora_and_dp_side_by_side(tiny_llm, notes, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -371,6 +374,7 @@ def real_pair(tmp_path_factory):
     return cards
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_dp_run_spends_a_finite_epsilon_below_the_target(real_pair):
     dp = real_pair["dp"]["dp"]
@@ -381,6 +385,7 @@ def test_real_dp_run_spends_a_finite_epsilon_below_the_target(real_pair):
     assert t["steps"] == REAL_STEPS and t["dev_loss_before"] > 0 and t["train_tokens_per_s"] > 0
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_canary_exposure_lora_vs_dp(real_pair, capsys):
     lora, dp = real_pair["lora"]["summary"]["canaries"], real_pair["dp"]["summary"]["canaries"]

@@ -30,6 +30,8 @@ def _rows(db: Path, table: str) -> int:
         return 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_sigkill_and_resume_on_the_embedded_model(tmp_path):
     exp = write_experiment(

@@ -364,6 +364,7 @@ def test_rag_qa_bm25_retrieval_is_scoreable(rag_task):
 # -- the real packaged all-MiniLM-L6-v2 ------------------------------------------------------------------------
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_dense_with_the_packaged_minilm(monkeypatch):
     calls = []

@@ -71,6 +71,8 @@ def _scores(db, model: str) -> dict[tuple[str, str, str], tuple]:
     return {(t, st, m): (v, lo, hi) for t, st, m, v, lo, hi in rows}
 
 
+@pytest.mark.subprocess
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_direct_and_served_evaluation_are_identical(tmp_path, capsys, monkeypatch):
     proc, url = start_server("--model", EMBEDDED, "--served-name", "smollm2")

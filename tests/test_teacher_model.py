@@ -135,6 +135,7 @@ def test_gguf_path_is_for_one_file_models_only():
         embedded.gguf_path(NAME)
 
 
+@pytest.mark.subprocess
 def test_models_cli_lists_it():
     out = subprocess.run([sys.executable, "-m", "labscale", "models"], capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "200"}).stdout
@@ -166,6 +167,7 @@ def teacher(parts, one_thread):
     b.close()
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_parts_join_to_the_recorded_gguf(parts, tmp_path):
     m = embedded.EMBEDDED[NAME]
@@ -178,6 +180,7 @@ def test_real_parts_join_to_the_recorded_gguf(parts, tmp_path):
     assert sha256_bytes(out) == m.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_conversion_happens_once(teacher, monkeypatch):
     m = embedded.EMBEDDED[NAME]
@@ -197,6 +200,7 @@ def test_real_conversion_happens_once(teacher, monkeypatch):
     assert teacher.info.extra["license"] == m.license
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_tokenizer_has_qwens_chat_template(teacher):
     assert "<|im_start|>" in teacher.tokenizer.chat_template
@@ -206,6 +210,7 @@ def test_real_tokenizer_has_qwens_chat_template(teacher):
     )
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_greedy_answers(teacher):
     questions = ["What is 2+3? Answer with a number.", "What is the capital of France? Answer with one word."]

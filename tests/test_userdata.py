@@ -447,6 +447,7 @@ def test_the_report_is_written_with_the_users_umask(tmp_path, tiny_llm, capsys, 
 
 # -- the real embedded model ------------------------------------------------------------------------------------
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_truncation_on_the_embedded_model(tmp_path):
     """SmolLM2's own tokenizer counts: an input of ~3000 words cut to 256 tokens, head and tail kept."""
