@@ -382,7 +382,7 @@ class Experiment(_Strict):
         for entry, dumped in zip(self.tasks, data["tasks"]):
             if isinstance(dumped, dict):
                 for key in _LATER_TASK_FIELDS:
-                    if key not in entry.model_fields_set:
+                    if isinstance(entry, str) or key not in entry.model_fields_set:
                         dumped.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -442,13 +442,13 @@ def _format_validation_error(err: ValidationError) -> tuple[str, str]:
         if not suggestion and allowed:
             suggestion = f"keys allowed here: {', '.join(allowed)}; "
         return f"invalid experiment file: unknown key '{key}'{at}{extra}", suggestion + hint
-    loc = _loc_text(first["loc"])
+    where_text = _loc_text(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "string_type" and isinstance(first.get("input"), (bool, int, float)):
         kind = {"bool": "a boolean", "int": "a number", "float": "a number"}[type(first["input"]).__name__]
         msg += f" (YAML read {first['input']!r} as {kind}: quote it, e.g. '{first['input']}')"
-    where = f"at '{loc}'" if loc else "at the top level"
-    return f"invalid experiment file {where}: {msg}{extra}", hint
+    place = f"at '{where_text}'" if where_text else "at the top level"
+    return f"invalid experiment file {place}: {msg}{extra}", hint
 
 
 def _nested_model(annotation) -> type[BaseModel] | None:

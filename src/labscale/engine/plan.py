@@ -122,11 +122,12 @@ def _decoding(exp: Experiment, setting: Setting) -> DecodingParams:
 
 def _fit(task: Task, backend: ModelBackend) -> Callable[[Example], Example]:
     """Each example with its input cut to the task's max_input_tokens for this model (as is without the option)."""
-    if task.max_input_tokens is None:
+    limit = task.max_input_tokens
+    if limit is None:
         return lambda ex: ex
 
     def fit(ex: Example) -> Example:
-        cut = cut_input(backend, ex.input, task.max_input_tokens, task.truncate)
+        cut = cut_input(backend, ex.input, limit, task.truncate)
         return ex if cut is None else replace(ex, input=cut)
 
     return fit

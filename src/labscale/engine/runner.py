@@ -121,6 +121,7 @@ class Runner:
 
     def run_all(self, plans: list[RunPlan]) -> None:
         """Every run, with a rich progress bar on a terminal and plain periodic lines otherwise (CI logs, a pipe)."""
+        progress: Progress | PlainProgress
         if self.console.is_terminal:
             progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -129,7 +129,7 @@ def _user_text(task: Task, example: Example, mc_letters: bool) -> str:
 
 
 def _answer_text(task: Task, example: Example, mc_letters: bool) -> str:
-    return LETTERS[example.gold] if mc_letters else example.target
+    return LETTERS[example.gold] if mc_letters and example.gold is not None else example.target
 
 
 Fit = Callable[[Example], Example]  # e.g. the input cut to max_input_tokens (settings/truncate.py)
@@ -159,7 +159,7 @@ def loglikelihood_prompt(task: Task, setting: Setting, example: Example, seed: i
                          fit: Fit = _as_is) -> tuple[str, list[str]]:
     """(context, continuations) in lm-evaluation-harness's format; `fit` as for chat_prompt."""
     blocks = [
-        f"{s.input}{task.target_delimiter}{s.choices[s.gold]}"
+        f"{s.input}{task.target_delimiter}{s.choices[s.gold] if s.gold is not None else s.target}"
         for s in map(fit, select_shots(task, setting, example, seed))
     ]
     context = task.fewshot_delimiter.join([*blocks, fit(example).input])
