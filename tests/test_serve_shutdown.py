@@ -220,6 +220,13 @@ def test_shutdown_states():
     now[0] += 5  # settle time over even though the answer was not sent
     assert s.poll()
 
+    fb = FakeBatcher()
+    s = Shutdown(fb, grace_s=1e9, settle_s=5, clock=lambda: now[0])  # type: ignore[arg-type]
+    s.enter()
+    s.request()
+    s.request()  # two signals before the server looked: drain and cancel at once
+    assert not s.poll() and s.state == "cancelling" and fb.calls == ["close", "cancel"]
+
 
 # ------------------------------------------------------------------------------------------ in-process
 

@@ -153,7 +153,6 @@ def create_app(
 
     app = FastAPI(title="labscale serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.shutdown = shutdown
-    app.state.batcher = batcher
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

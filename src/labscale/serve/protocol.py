@@ -138,8 +138,9 @@ class _Request(BaseModel):
                 raise APIError(400, "invalid 'stream_options.include_usage': must be a boolean",
                                param="stream_options.include_usage")
         self.stops()
+        extra = self.model_extra or {}
         for name, neutral in self.unsupported().items():
-            if name in (self.model_extra or {}) and not neutral(self.model_extra[name]):
+            if name in extra and not neutral(extra[name]):
                 raise APIError(400, f"'{name}' is not supported by this server (send it unset, or at its "
                                     f"neutral value, for this model's plain answer)", param=name)
 

@@ -56,10 +56,9 @@ class Shutdown:
     def poll(self) -> bool:
         """Advance the state machine; True once the server may stop."""
         now = self._clock()
-        new_signal = self._signals > self._seen
-        self._seen = self._signals
-        if self.state == "serving" and new_signal:
-            new_signal = False
+        signals, self._seen = self._signals - self._seen, self._signals
+        if self.state == "serving" and signals:
+            signals -= 1  # the first drains; another one (even before this poll) cancels
             self.state = "draining"
             self._deadline = now + self.grace_s
             self.batcher.close()
@@ -69,7 +68,7 @@ class Shutdown:
         if self.state == "draining":
             if self.in_flight == 0:
                 self.state = "stopped"
-            elif new_signal or now >= self._deadline:
+            elif signals or now >= self._deadline:
                 self.state = "cancelling"
                 self._deadline = now + self.settle_s
                 self._log(f"shutting down: cancelling {self.in_flight} unfinished request(s) (answered 503)")
