@@ -2,7 +2,9 @@
 
 Most tests share one in-process server (a background thread) over the tiny random Llama with two LoRA adapters
 and an API key; answers are compared with a second, independent HFBackend called directly. `slow` tests use the
-real embedded SmolLM2-135M-Instruct.
+real embedded SmolLM2-135M-Instruct. Batching assertions never rely on requests arriving within the batching
+window: the batcher is held while the requests queue up (`Batcher.hold`), and its statistics are reset per test
+(the `batcher` fixture). Shutdown is tested in test_serve_shutdown.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import openai
@@ -103,6 +106,13 @@ def served(tiny_llm, loras):
     app = create_app(backend, batcher, "tiny", list(loras), api_key=KEY, max_body_bytes=MAX_BODY)
     with running(app) as url:
         yield url, batcher
+
+
+@pytest.fixture
+def batcher(served) -> Batcher:
+    """The shared server's batcher, its statistics reset for this test."""
+    served[1].reset_stats()
+    return served[1]
 
 
 @pytest.fixture
@@ -291,10 +301,181 @@ def test_invalid_requests_are_400_in_openai_shape(served, client):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.get(served[0] + "/v1/nothing", headers=h)
     assert r.status_code == 404 and "error" in r.json()
-    # unknown fields are ignored, as OpenAI does
+    # fields that cannot change the answer are ignored, and so are answer-changing ones at their neutral value
     r = httpx.post(url, headers=h, json={"model": "tiny", "messages": messages("hi"), "max_tokens": 2,
-                                         "temperature": 0, "user": "me", "frequency_penalty": 0})
+                                         "temperature": 0, "user": "me", "frequency_penalty": 0, "logit_bias": {},
+                                         "some_vendor_extension": [1, 2], "response_format": {"type": "text"}})
     assert r.status_code == 200
+
+
+HI = messages("hi")
+LONG = messages("The patient reports chest pain and shortness of breath. " * 60)  # > 512 tokens
+# (endpoint, body fields, the field the 400 must name)
+BAD_VALUES = [
+    ("chat", {"seed": 2**63}, "seed"),
+    ("chat", {"seed": 2**64}, "seed"),
+    ("chat", {"seed": -1}, "seed"),
+    ("chat", {"seed": 1.5}, "seed"),
+    ("chat", {"max_tokens": 0}, "max_tokens"),
+    ("chat", {"max_tokens": -5}, "max_tokens"),
+    ("chat", {"max_tokens": 10**30}, "max_tokens"),
+    ("chat", {"max_tokens": 600}, "max_tokens"),  # beyond the context
+    ("chat", {"max_tokens": True}, "max_tokens"),
+    ("chat", {"max_tokens": "5"}, "max_tokens"),
+    ("chat", {"max_completion_tokens": 0}, "max_completion_tokens"),
+    ("chat", {"temperature": float("inf")}, "temperature"),
+    ("chat", {"temperature": float("nan")}, "temperature"),
+    ("chat", {"temperature": -0.5}, "temperature"),
+    ("chat", {"temperature": 2.5}, "temperature"),
+    ("chat", {"top_p": 0}, "top_p"),
+    ("chat", {"top_p": 1.5}, "top_p"),
+    ("chat", {"top_p": float("nan")}, "top_p"),
+    ("chat", {"n": 2}, "n"),
+    ("chat", {"n": 0}, "n"),
+    ("chat", {"stop": [""]}, "stop"),
+    ("chat", {"stop": ""}, "stop"),
+    ("chat", {"stop": [f"s{i}" for i in range(17)]}, "stop"),
+    ("chat", {"stop": "x" * 257}, "stop"),
+    ("chat", {"stop": [5]}, "stop.0"),
+    ("chat", {"stop": "\ud800"}, "stop"),
+    ("chat", {"stream": "yes"}, "stream"),
+    ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ("chat", {"logit_bias": {"5": 100}}, "logit_bias"),
+    ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat", {"presence_penalty": -1}, "presence_penalty"),
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"top_k": 5}, "top_k"),
+    ("chat", {"repetition_penalty": 1.3}, "repetition_penalty"),
+    ("chat", {"messages": []}, "messages"),
+    ("chat", {"messages": "hi"}, "messages"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("chat", {"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages.0.content"),
+    ("chat", {"messages": [HI[0], {"role": "user", "content": [{"type": "image_url"}]}]}, "messages.1.content"),
+    ("chat", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages.0.content"),
+    ("chat", {"messages": [{"content": "hi"}]}, "messages.0.role"),
+    ("chat", {"messages": LONG}, "messages"),  # the prompt alone exceeds the context
+    ("chat", {"model": 5}, "model"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": [1, 2, 3]}, "prompt.0"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("completions", {"prompt": "\ud800x"}, "prompt"),
+    ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("completions", {"prompt": "x", "echo": True}, "echo"),
+    ("completions", {"prompt": "x", "best_of": 2}, "best_of"),
+    ("completions", {"prompt": "x", "logprobs": 1}, "logprobs"),
+    ("completions", {"prompt": "x", "seed": 2**63}, "seed"),
+]
+
+
+@pytest.mark.parametrize("endpoint,fields,param", BAD_VALUES, ids=[f"{e}-{p}-{i}" for i, (e, _, p) in
+                                                                   enumerate(BAD_VALUES)])
+def test_each_bad_value_is_a_400_naming_the_field(served, endpoint, fields, param):
+    base = {"model": "tiny", "max_tokens": 2}
+    base.update({"messages": HI} if endpoint == "chat" else {"prompt": "Hello"})
+    body = json.dumps({**base, **fields})  # ensure_ascii: a lone surrogate travels as its \u escape
+    r = httpx.post(f"{served[0]}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}", content=body,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400, (fields, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"], (fields, err)
+
+
+def test_bad_values_through_the_openai_client(client):
+    """The official client sends these as given; each is a 400 naming the field."""
+    for kw, param in [({"seed": 2**63}, "seed"), ({"seed": -1}, "seed"), ({"max_tokens": 0}, "max_tokens"),
+                      ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"n": 3}, "n"),
+                      ({"stop": ["", "x"]}, "stop"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+                      ({"frequency_penalty": 1.0}, "frequency_penalty")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=HI, **{"max_tokens": 2, **kw})
+        assert e.value.status_code == 400 and e.value.body["param"] == param, (kw, e.value.body)
+
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = 100
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
+                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+_NASTY_TEXT = st.sampled_from(["", "\ud800", "a\udfffb", "<|im_end|>", "<|im_start|>user", "\x00", " " * 40])
+_TEXT = st.text(max_size=30)
+# valid requests: small budgets (fast), every field within its bounds
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+     "content": st.one_of(_TEXT, st.none(), st.lists(st.fixed_dictionaries(
+         {"type": st.just("text"), "text": _TEXT}), max_size=2))},
+    optional={"name": st.text(max_size=5)})
+_STOP = st.text(min_size=1, max_size=5)
+_VALID_COMMON = {
+    "temperature": st.floats(0, 2), "top_p": st.floats(0, 1, exclude_min=True), "seed": st.integers(0, 2**63 - 1),
+    "stop": st.one_of(_STOP, st.lists(_STOP, max_size=4)), "stream": st.booleans(), "user": st.text(max_size=5),
+    "frequency_penalty": st.just(0), "logit_bias": st.just({}), "n": st.just(1), "some_extension": _ANY,
+}
+_VALID = {
+    "chat/completions": st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "alpha", "beta"]), "max_tokens": st.integers(1, 3),
+         "messages": st.lists(_MESSAGE, min_size=1, max_size=3)}, optional=_VALID_COMMON),
+    "completions": st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "alpha", "beta"]), "max_tokens": st.integers(1, 3),
+         "prompt": st.one_of(st.text(min_size=1, max_size=30).filter(str.strip), st.lists(
+             st.text(min_size=1, max_size=10).filter(str.strip), min_size=1, max_size=1))},
+        optional=_VALID_COMMON),
+}
+# hostile values per field (a null or absent max_tokens is left out: the default budget would be slow)
+_TOKENS = st.one_of(st.integers(-(2**70), 0), st.integers(600, 2**70), st.booleans(), st.floats(), st.text(max_size=3))
+_HOSTILE = {
+    "model": _ANY, "max_tokens": _TOKENS, "max_completion_tokens": _TOKENS,
+    "messages": st.one_of(_ANY, st.lists(st.fixed_dictionaries({"role": st.one_of(st.text(max_size=6), _ANY)},
+                                                               optional={"content": st.one_of(_NASTY_TEXT, _ANY)}),
+                                         max_size=2),
+                          st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(
+                              st.fixed_dictionaries({"type": _ANY}, optional={"text": _ANY}), max_size=2)}))),
+    "prompt": st.one_of(_NASTY_TEXT, _ANY, st.lists(st.one_of(_NASTY_TEXT, _ANY), max_size=2)),
+    "temperature": st.one_of(_ANY, st.sampled_from([1e-300, 5e-324, 2.0000001, -0.0])),
+    "top_p": st.one_of(_ANY, st.sampled_from([5e-324, 1e-300, 1.0000001])),
+    "seed": st.one_of(_ANY, st.sampled_from([2**63, 2**64, -1, -(2**63)])),
+    "stop": st.one_of(_NASTY_TEXT, _ANY, st.lists(st.one_of(_NASTY_TEXT, _ANY), max_size=20)),
+    "stream": _ANY, "stream_options": st.one_of(st.fixed_dictionaries({}, optional={"include_usage": _ANY}), _ANY),
+    "n": _ANY, "logit_bias": _ANY, "frequency_penalty": _ANY, "presence_penalty": _ANY, "logprobs": _ANY,
+    "top_logprobs": _ANY, "echo": _ANY, "best_of": _ANY, "suffix": _ANY, "top_k": _ANY, "tools": _ANY,
+    "response_format": _ANY,
+}
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(endpoint=st.sampled_from(["chat/completions", "completions"]), data=st.data())
+def test_fuzzed_requests_never_get_a_5xx(served, endpoint, data):
+    """Valid requests with 0-2 fields made hostile (or dropped), and whole bodies of any JSON: every answer is a
+    200 (always, for an untouched valid request) or a 4xx in OpenAI's error shape, never a 5xx, and a stream
+    never carries an in-band server error."""
+    body = data.draw(_VALID[endpoint])
+    spoiled = data.draw(st.lists(st.sampled_from(sorted(_HOSTILE)), max_size=2, unique=True))
+    for field in spoiled:
+        if data.draw(st.integers(0, 4)) == 0:
+            body.pop(field, None)
+        else:
+            body[field] = data.draw(_HOSTILE[field])
+    if data.draw(st.integers(0, 9)) == 0:
+        body, spoiled = data.draw(_ANY), ["body"]
+    r = httpx.post(f"{served[0]}/v1/{endpoint}", content=json.dumps(body),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code < 500, (body, r.text)
+    event(f"HTTP {r.status_code}")  # --hypothesis-show-statistics: how many reached the model
+    if not spoiled:
+        assert r.status_code == 200, (body, r.text)
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], (body, err)
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert "server_error" not in r.text and r.text.rstrip().endswith("data: [DONE]"), (body, r.text)
+    else:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (body, r.text)
 
 
 # --------------------------------------------------------------------------------------- batching, adapters
@@ -311,26 +492,37 @@ def _concurrently(url: str, calls: list[dict]) -> list:
     return asyncio.run(go())
 
 
-def test_concurrent_requests_are_batched(served):
-    url, batcher = served
-    before = batcher.stats.as_dict()
+def _as_one_batch(url: str, batcher: Batcher, calls: list[dict]) -> list:
+    """Send `calls` concurrently while the batcher is held, release it once all are queued: one batch."""
+    with ThreadPoolExecutor(1) as pool:
+        with batcher.hold():
+            future = pool.submit(_concurrently, url, calls)
+            deadline = time.monotonic() + 60
+            while batcher.pending < len(calls):
+                assert not future.done() and time.monotonic() < deadline, "requests did not queue up"
+                time.sleep(0.01)
+        return future.result(120)
+
+
+def test_concurrent_requests_are_batched(served, batcher):
     calls = [{"model": "tiny", "messages": messages(q), "max_tokens": 8, "temperature": 0} for q in QUESTIONS]
-    out = _concurrently(url, calls)
-    after = batcher.stats.as_dict()
-    assert len(out) == len(QUESTIONS)
-    assert after["requests"] - before["requests"] == len(QUESTIONS)
-    assert after["batches"] - before["batches"] < len(QUESTIONS)
-    assert after["largest_batch"] >= 2
+    out = _as_one_batch(served[0], batcher, calls)
+    assert len(out) == len(QUESTIONS) and all(r.usage.completion_tokens > 0 for r in out)
+    stats = batcher.stats.as_dict()
+    assert (stats["batches"], stats["requests"], stats["largest_batch"]) == (1, len(QUESTIONS), len(QUESTIONS))
+    # one at a time: one batch each
+    batcher.reset_stats()
+    for kw in calls[:2]:
+        _concurrently(served[0], [kw])
+    assert (batcher.stats.batches, batcher.stats.largest_batch) == (2, 1)
 
 
-def test_mixed_adapter_batch_equals_each_adapter_alone(served, client, reference):
-    url, batcher = served
+def test_mixed_adapter_batch_equals_each_adapter_alone(served, batcher, client, reference):
     models = ["tiny", "alpha", "beta", "alpha", "tiny", "beta"]
     calls = [{"model": m, "messages": messages(q), "max_tokens": 12, "temperature": 0}
              for m, q in zip(models, QUESTIONS)]
-    before = batcher.stats.batches
-    mixed = [r.choices[0].message.content for r in _concurrently(url, calls)]
-    assert batcher.stats.batches - before < len(calls)  # they shared batches
+    mixed = [r.choices[0].message.content for r in _as_one_batch(served[0], batcher, calls)]
+    assert (batcher.stats.batches, batcher.stats.largest_batch) == (1, len(calls))  # all in one mixed batch
     alone = [client.chat.completions.create(**kw).choices[0].message.content for kw in calls]
     assert mixed == alone
     for m, q, text in zip(models, QUESTIONS, mixed):

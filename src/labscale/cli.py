@@ -138,6 +138,9 @@ def serve(
     batch_size: int = typer.Option(16, min=1, help="most requests per forward batch"),
     max_body_bytes: int = typer.Option(4 << 20, min=1024, help="larger request bodies get 413"),
     batch_wait_ms: float = typer.Option(10.0, min=0, help="how long a batch waits for more requests"),
+    grace_s: float = typer.Option(30.0, "--grace-s", min=0, max=86400,
+                                  help="on SIGTERM/Ctrl-C: seconds in-flight requests may take to finish before "
+                                  "they are cancelled (503)"),
 ) -> None:
     """Serve a local model (and LoRA adapters) over an OpenAI-compatible HTTP API; see docs/serve.md."""
     import os
@@ -160,7 +163,7 @@ def serve(
                                 f"export {api_key_env}=<key>, or drop --api-key-env to serve without a key")
     from labscale.serve.server import serve as run_server
 
-    run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms)
+    run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms, grace_s)
 
 
 # `labscale finetune` spells config.FinetuneSpec's fields as flags; bounds, defaults and checks live there only.

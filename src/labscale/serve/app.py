@@ -7,7 +7,12 @@ events in OpenAI's chunk format, fed token by token from the decode loop when th
 released by `TextStream`), ending with `data: [DONE]`.
 
 Every /v1 route needs `Authorization: Bearer <key>` when the app has an API key; bodies above `max_body_bytes`
-get 413. Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`.
+get 413. Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: a request the model code
+cannot take is a 400 naming the field (protocol.py), never a 500.
+
+Shutdown (shutdown.py): `app.state.shutdown` counts the /v1 requests in flight; once it is draining, new /v1
+requests get 503 and requests cancelled at the end of the grace period are answered 503 as well (streams: a final
+error event). The lifespan starts the batcher and, at the end, stops and joins its worker thread.
 """
 
 from __future__ import annotations
@@ -28,26 +33,46 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from labscale.errors import LabscaleError
 from labscale.models.base import GenerationRequest, GenerationResult, ModelBackend
 from labscale.serve.batcher import Batcher, ShuttingDown
-from labscale.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, max_tokens_for, parse
+from labscale.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_text,
+    max_tokens_for,
+    parse,
+    shutting_down,
+)
+from labscale.serve.shutdown import DEFAULT_GRACE_S, Shutdown
 from labscale.serve.stream import TextStream
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+WORKER_JOIN_S = 30.0  # after cancelling: the worker is at most one forward pass from exiting
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 class _Guard:
-    """ASGI middleware: bearer-token check on /v1 routes, then the body-size limit (the body is read here, at
-    most `max_body_bytes` of it, and replayed to the app)."""
+    """ASGI middleware: counts /v1 requests in flight and refuses new ones (503) once shutting down; then the
+    bearer-token check on /v1 routes and the body-size limit (the body is read here, at most `max_body_bytes` of
+    it, and replayed to the app)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, shutdown: Shutdown):
+        self.app, self.api_key, self.max_body_bytes, self.shutdown = app, api_key, max_body_bytes, shutdown
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             return await self.app(scope, receive, send)
+        if not self.shutdown.accepting:
+            return await _error_response(shutting_down())(scope, receive, send)
+        self.shutdown.enter()
+        try:
+            return await self._guarded(scope, receive, send)
+        finally:
+            self.shutdown.leave()
+
+    async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and scope["path"].startswith("/v1"):
             auth = headers.get("authorization", "")
@@ -100,8 +125,12 @@ def create_app(
     adapters: list[str] | tuple[str, ...] = (),
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    grace_s: float = DEFAULT_GRACE_S,
+    log=None,
 ) -> FastAPI:
-    """The app for one backend (its adapters already loaded). The batcher starts and stops with the app."""
+    """The app for one backend (its adapters already loaded). The batcher starts and stops with the app;
+    `app.state.shutdown` (shutdown.py, with `grace_s`) is what a server drives on SIGTERM; `log(line)` gets
+    its progress lines."""
     models: dict[str, str | None] = {base_name: None, **{a: a for a in adapters}}  # served name -> adapter
     context_length = getattr(backend, "context_length", None) or backend.info.context_length
     created = int(time.time())
@@ -111,15 +140,19 @@ def create_app(
     def decode(ids: list[int]) -> str:
         return tok.decode(ids, skip_special_tokens=True)
 
+    shutdown = Shutdown(batcher, grace_s, log=log)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(batcher.stop)
+            # after a drain nothing is pending; otherwise (no drain) cancel what is left, then join the worker
+            await asyncio.to_thread(batcher.stop, 0.0, WORKER_JOIN_S)
 
     app = FastAPI(title="labscale serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.shutdown = shutdown
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -155,6 +188,8 @@ def create_app(
             return json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
 
     def prepare(req, prompt: Any) -> GenerationRequest:
         """Render and count the prompt, bound max_tokens: the labscale request (runs in a worker thread)."""
@@ -164,15 +199,22 @@ def create_app(
             raise APIError(400, str(e), param="messages") from None
         except Exception as e:  # noqa: BLE001 - chat templates raise whatever they like (e.g. role order)
             raise APIError(400, f"cannot render the messages with the chat template: {e}", param="messages") from None
-        n = backend.count_tokens(text)
-        params = req.params(max_tokens_for(req.requested_max_tokens(), n, context_length))
+        field = "messages" if isinstance(prompt, list) else "prompt"
+        check_text(text, field)
+        try:
+            n = backend.count_tokens(text)
+        except Exception as e:  # noqa: BLE001 - a tokenizer refusing the text is the request's problem
+            raise APIError(400, f"cannot tokenize the {field}: {e}", param=field) from None
+        if n == 0:
+            raise APIError(400, f"the {field} is empty: it has no tokens to continue", param=field)
+        params = req.params(max_tokens_for(req.requested_max_tokens(), n, context_length, field))
         return GenerationRequest(text, params, adapter_for(req.model))
 
     async def run(gen: GenerationRequest) -> GenerationResult:
         try:
             return await asyncio.wrap_future(batcher.submit(gen))
         except ShuttingDown as e:
-            raise APIError(503, str(e), type="server_error") from None
+            raise shutting_down(str(e)) from None
         except LabscaleError as e:
             raise APIError(400, str(e)) from None
 
@@ -194,6 +236,8 @@ def create_app(
                 pass
 
         future = batcher.submit(gen, on_token if batcher.streams else None)
+        if future.done() and isinstance(future.exception(), ShuttingDown):  # not taken: answer before streaming
+            raise shutting_down(str(future.exception()))
         future.add_done_callback(on_done)
         rid, now = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         usage_field = {"usage": None} if req.include_usage else {}
@@ -217,8 +261,8 @@ def create_app(
                     yield chunk(item)
                 try:
                     result: GenerationResult = future.result()
-                except ShuttingDown as e:
-                    yield _sse(APIError(503, str(e), type="server_error").body())
+                except ShuttingDown as e:  # cancelled at shutdown: a final error event, then close
+                    yield _sse(shutting_down(str(e)).body())
                     return
                 except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
                     yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
@@ -240,8 +284,10 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(models), "context_length": context_length,
-                "batch_size": batcher.batch_size, "stats": batcher.stats.as_dict()}
+        body = {"status": "ok" if shutdown.accepting else "shutting_down", "models": list(models),
+                "context_length": context_length, "batch_size": batcher.batch_size,
+                "pending": batcher.pending, "running": batcher.running, "stats": batcher.stats.as_dict()}
+        return JSONResponse(body, status_code=200 if shutdown.accepting else 503)
 
     @app.get("/v1/models")
     async def list_models():
@@ -256,7 +302,7 @@ def create_app(
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await body(request))
         adapter_for(req.model)
-        messages = [m.as_dict() for m in req.messages]
+        messages = req.chat_messages()
         gen = await asyncio.to_thread(prepare, req, messages)
         if req.stream:
             return stream(req, gen, "chat")
@@ -284,5 +330,5 @@ def create_app(
             "usage": _usage(r),
         }
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, shutdown=shutdown)
     return app

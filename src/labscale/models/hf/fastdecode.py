@@ -8,7 +8,9 @@ DynamicCache's `torch.cat` on every step copies the whole cache, which with long
 forward pass.
 
 Decode. One token per live row and step, with explicit position ids and a left-padded attention mask; rows that
-finished (EOS or a stop string) are dropped from the batch when that saves more than it costs.
+finished (EOS or a stop string) are dropped from the batch when that saves more than it costs. An optional
+`should_stop()` is polled once per step (one Python call): when it returns True the batch ends there, rows still
+running finishing "cancelled" with the tokens they have (how `labscale serve` cancels work at shutdown).
 
 Ragged attention. Decoding one token for B rows reads the whole key/value cache, padding included: B x (padded
 width) entries per layer. On CPU that read, not arithmetic, is what attention costs, and a batch with one long
@@ -43,6 +45,7 @@ RAGGED_CALL_COST = 128
 _ragged_seen = [0]  # attention calls that received a bucket plan
 
 TokenCallback = Callable[[int, int], None]  # (row, new token id)
+ShouldStop = Callable[[], bool]  # polled once per decode step: True cuts the batch (rows end "cancelled")
 Forward = Callable[[list[str] | None], Callable]  # per-row adapter names -> the forward to call
 
 
@@ -234,6 +237,7 @@ class FastDecoder:
         pad: int,
         tokenizer,
         on_token: TokenCallback | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> list[tuple[list[int], str]] | None:
         """Prefill (see `prefill`), then a decode loop that feeds one token per live row and per step, with
         explicit position ids and a left-padded attention mask; rows that finished (EOS or stop string) are
@@ -242,7 +246,9 @@ class FastDecoder:
 
         Per row: the new tokens up to and including EOS / the token completing a stop string, and the finish
         reason. Returns None when the model does not suit this path. `names`: peft adapter names per row (None:
-        no adapters); `on_token(row, token)` is called for each new token."""
+        no adapters); `on_token(row, token)` is called for each new token. `should_stop()` is called once before
+        each decode step; when it returns True the loop ends there and every row still running keeps the tokens
+        it has, with finish reason "cancelled"."""
         import torch
 
         prefilled = self.prefill(batch, params.max_new_tokens, forward_for, names, pad)
@@ -276,6 +282,11 @@ class FastDecoder:
             kw[RAGGED_KWARG] = plan_buckets(starts, cached + max_new // 2)
         n = cached
         for step in range(max_new):
+            if should_stop is not None and should_stop():
+                for k, alive in enumerate(live):
+                    if alive:
+                        reason[rows[k]] = "cancelled"
+                break
             mask[:, n] = 1
             logits = forward(
                 input_ids=cur[:, None],

@@ -12,6 +12,12 @@ near-tie, as any change of batch shape can.
 
 Streaming. `generate(..., on_token=f)` calls `f(request index, token id)` for every new token as the fast path
 produces it (EOS included); the `model.generate` fallback produces no per-token calls.
+
+Cancellation. `generate(..., should_stop=f)` polls `f()` before each batch and once per decode step (on the
+fallback, a StoppingCriteria after each step). Once it returns True the call returns promptly: rows of the running
+batch that had not finished keep the tokens generated so far, and requests whose batch had not started get no
+tokens; both have finish_reason "cancelled". Cancelled results are partial: callers must not cache or score them
+(`labscale serve` answers them 503 at shutdown; evaluation never passes `should_stop`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
     from labscale.models.hf.backend import HFBackend
 
 TokenCallback = Callable[[int, int], None]  # (request index, new token id)
+ShouldStop = Callable[[], bool]  # True: cancel (see the module docstring)
+CANCELLED = "cancelled"  # the finish reason of a row cut by `should_stop`
 
 
 def generate(
@@ -36,6 +44,7 @@ def generate(
     requests: list[GenerationRequest],
     progress: Progress | None = None,
     on_token: TokenCallback | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> list[GenerationResult]:
     """Results in request order (see the module docstring)."""
     if not requests:
@@ -60,10 +69,14 @@ def generate(
         idxs.sort(key=lambda i: (-len(encoded[i]), i))
         for start in range(0, len(idxs), bs):
             batch = idxs[start : start + bs]
+            if should_stop is not None and should_stop():
+                for i in batch:
+                    results[i] = GenerationResult("", len(encoded[i]), 0, 0.0, 0.0, finish_reason=CANCELLED)
+                continue
             cb = None if on_token is None else (lambda j, t, batch=batch: on_token(batch[j], t))
             with oom_guard(backend.display_name, backend.device, len(batch)):
                 out = generate_batch(backend, [encoded[i] for i in batch], params,
-                                     [requests[i].adapter for i in batch], cb)
+                                     [requests[i].adapter for i in batch], cb, should_stop)
             for i, res in zip(batch, out):
                 results[i] = res
             if progress is not None:
@@ -77,6 +90,7 @@ def generate_batch(
     params,
     adapters: list[str | None] | None = None,
     on_token: TokenCallback | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> list[GenerationResult]:
     """One batch of encoded prompts: new tokens (fast path, else `model.generate`), decoded and cut at stops."""
     import torch
@@ -96,10 +110,10 @@ def generate_batch(
         fast = backend.fast_decoder
         if fast.suitable is not False:
             out = fast.decode(batch, params, lambda ns: adapter_set.forward(model, ns), names, set(eos), pad, tok,
-                              on_token)
+                              on_token, should_stop)
         if out is None:
             generator, kw = adapter_set.generating_model(model, names)
-            out = generate_with_transformers(generator, tok, batch, params, eos, pad, **kw)
+            out = generate_with_transformers(generator, tok, batch, params, eos, pad, should_stop=should_stop, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -144,11 +158,13 @@ def generation_config(params, eos: list[int], pad: int):
 
 
 def generate_with_transformers(
-    model, tokenizer, batch: list[list[int]], params, eos: list[int], pad: int, **kw
+    model, tokenizer, batch: list[list[int]], params, eos: list[int], pad: int,
+    should_stop: ShouldStop | None = None, **kw
 ) -> list[tuple[list[int], str]]:
     """The fallback for models the fast path does not handle: one left-padded `model.generate` call (`model` is
     the PeftModel and `kw` carries per-row `adapter_names` when the batch uses adapters). Per row: the new tokens
-    up to and including EOS / the token completing a stop string, and the finish reason."""
+    up to and including EOS / the token completing a stop string, and the finish reason ("cancelled" for rows
+    cut by `should_stop`, polled after each step)."""
     import torch
     from transformers import StoppingCriteriaList
 
@@ -161,8 +177,10 @@ def generate_with_transformers(
         mask[j, width - len(ids) :] = 1
     eos_set = set(eos)
     stopper = stop_strings(tokenizer, params.stop, width, len(batch), eos_set) if params.stop else None
-    if stopper is not None:
-        kw["stopping_criteria"] = StoppingCriteriaList([stopper])
+    canceller = cancel_criterion(should_stop) if should_stop is not None else None
+    criteria = [c for c in (stopper, canceller) if c is not None]
+    if criteria:
+        kw["stopping_criteria"] = StoppingCriteriaList(criteria)
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
@@ -177,9 +195,26 @@ def generate_with_transformers(
             results.append((gen[:stop_at], "stop"))
         elif eos_at is not None:
             results.append((gen[: eos_at + 1], "stop"))
+        elif canceller is not None and canceller.fired and len(gen) < params.max_new_tokens:
+            results.append((gen, CANCELLED))
         else:
             results.append((gen, "length"))
     return results
+
+
+def cancel_criterion(should_stop: ShouldStop):
+    """Stopping criterion for `model.generate`: every row stops once `should_stop()` returns True (`fired`)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Cancel(StoppingCriteria):
+        fired = False
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.fired = self.fired or bool(should_stop())
+            return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+    return Cancel()
 
 
 def stop_strings(tokenizer, stops: tuple[str, ...], prompt_width: int, batch: int, eos: set[int]):
