@@ -77,6 +77,7 @@ CASES = {
     "seed beyond 64 bits": (lambda t, b: {**b, "seed": 2**63}, "at 'seed'"),
     "huge bootstrap": (lambda t, b: {**b, "bootstrap_samples": 10**8}, "at 'bootstrap_samples'"),
     "infinite temperature": (lambda t, b: {**b, "generation": {"temperature": float("inf")}}, "finite number"),
+    "vanishing temperature": (lambda t, b: {**b, "generation": {"temperature": 1e-100}}, "too small to sample"),
     "empty stop string": (lambda t, b: {**b, "generation": {"stop": [""]}}, "empty stop string"),
     "few-shot without a train split": (
         lambda t, b: {**b, "settings": ["few-shot:1"], "tasks": [user_task(split_fractions=[0, 0, 1])]}

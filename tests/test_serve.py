@@ -614,6 +614,8 @@ def test_cli_errors(capsys, monkeypatch, tiny_llm):
     assert code == 2 and "adapter" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_exits_cleanly(tiny_llm, loras, tmp_path):
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
@@ -659,6 +661,7 @@ REAL_QUESTIONS = [
 ]
 
 
+@pytest.mark.real_model
 @pytest.mark.slow
 def test_real_model_server_equals_direct(tmp_path):
     from labscale.models import embedded

@@ -431,6 +431,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # a subprocess; test_in_flight_requests_finish_within_the_grace covers it in-process
 def test_sigterm_lets_in_flight_requests_finish_within_the_grace(tmp_path, tiny_llm, loras):
     proc, url, hold = start_held(tmp_path, tiny_llm, loras, grace_s=600)
@@ -457,6 +458,8 @@ def test_sigterm_lets_in_flight_requests_finish_within_the_grace(tmp_path, tiny_
     assert status == 200 and lines[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_cancels_mid_decode_after_the_grace(tmp_path, tiny_llm, loras):
     proc, url, hold = start_held(tmp_path, tiny_llm, loras, grace_s=1)
     try:
@@ -479,6 +482,8 @@ def test_sigterm_cancels_mid_decode_after_the_grace(tmp_path, tiny_llm, loras):
 # ---------------------------------------------------------------------------------- real embedded model (slow)
 
 
+@pytest.mark.real_model
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_real_model_sigterm_mid_decode_exits_0(tmp_path):
     """The reported case on the real model: 2 adapters, 3 long requests decoding, SIGTERM, a 1 s grace. Each

@@ -21,6 +21,7 @@ class _Strict(BaseModel):
 # Seeds feed Python's random, numpy and torch generators and SQLite INTEGER columns: 0 … 2**32 - 1 fits them all.
 MAX_SEED = 2**32 - 1
 SEED = Field(0, ge=0, le=MAX_SEED, description="few-shot draws, sampling, bootstrap (0 … 4294967295)")
+MIN_TEMPERATURE = 1e-3  # below this, softmax(logits / T) under- or overflows in float32
 MAX_TOKENS = 2**20  # far beyond any model's context; keeps token arithmetic and JSON integers small
 # The bootstrap holds n_boot × n resample indices in memory: 10,000 × 10,000 examples is 800 MB.
 MAX_BOOTSTRAP = 10_000
@@ -206,6 +207,14 @@ class GenerationSpec(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = []
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampling(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:  # logits / 1e-100 overflow: sampling would fail after the work started
+            raise ValueError(f"temperature {v:g} is too small to sample with; use 0 for greedy decoding or at least "
+                             f"{MIN_TEMPERATURE:g}")
+        return v
 
     @field_validator("stop")
     @classmethod

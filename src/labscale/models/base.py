@@ -47,7 +47,8 @@ class GenerationResult:
     new_tokens: int
     latency_s: float  # wall time the caller waited for this request (its whole batch)
     compute_s: float  # this request's share of the batch's wall time (sums to the run's compute time)
-    finish_reason: str = "stop"  # "stop" (EOS or stop string) | "length" | "error"
+    finish_reason: str = "stop"  # "stop" (EOS or stop string) | "length" | "error" | "cancelled" (serve shutdown;
+    # partial: never cached or scored)
     error: str | None = None  # why the request failed after its retries (API backends); such results are not cached
     retries: int = 0  # attempts beyond the first (API backends)
     usage_estimated: bool = False  # token counts estimated because the API reported no usage
