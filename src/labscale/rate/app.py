@@ -154,6 +154,9 @@ def create_app(db: Path, exp_id: int, mode: str, task: str | None, items: list[I
     async def rate(body: RateIn):
         if body.rating not in allowed:
             raise Problem(400, f"rating '{body.rating}' is not one of {', '.join(allowed)} ({mode} mode)")
+        if body.rater not in state["sessions"] and \
+                state["store"].rating_session(exp_id, body.rater, mode, task or "*") is None:
+            raise Problem(404, f"no item '{body.code}' for rater '{body.rater}' (no session: start one first)")
         s = session(body.rater)
         slot = s.by_code.get(body.code)
         if slot is None:
@@ -177,5 +180,6 @@ def check_token_env(var: str | None) -> str | None:
         raise LabscaleError(f"--token-env '{var}' is not an environment variable name", "e.g. --token-env RATE_TOKEN")
     value = os.environ.get(var, "")
     if not value:
-        raise LabscaleError(f"--token-env {var}: ${var} is not set", f"export {var}=<token>, or drop --token-env")
+        raise LabscaleError(f"--token-env {var}: that environment variable is not set",
+                            "set it to the token raters will use, or drop --token-env")
     return value

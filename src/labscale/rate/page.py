@@ -124,7 +124,7 @@ function render(state) {
   $("progress").textContent = state.done + " of " + state.total + " rated";
   $("fill").style.width = (100 * state.done / Math.max(1, state.total)) + "%";
   current = state.item;
-  if (!current) { show("finished"); return; }
+  if (!current) { document.body.dataset.code = "done"; show("finished"); return; }
   show("rate");
   $("instrbox").hidden = !current.instruction;
   $("instruction").textContent = current.instruction || "";

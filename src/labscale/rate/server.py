@@ -40,6 +40,7 @@ def serve(db: Path, mode: str = "absolute", task: str | None = None, host: str =
     register(token)  # never printed, but an error text could carry it
     exp_id, items = prepare(db, mode, task, experiment)
     sock = bind(host, port)
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them: the URL works once printed
     try:
         app = create_app(db, exp_id, mode, task, items, token)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))

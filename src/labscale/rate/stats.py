@@ -10,7 +10,8 @@ agreement (Krippendorff's α) and intra-rater consistency.
   W_i the wins of i and n_ij the comparisons of i and j, renormalised to Σπ = 1 each step. The maximum-likelihood
   estimate exists only when the comparison graph is strongly connected (Hunter's Assumption 1: no group of runs
   never loses to the others); otherwise `PRIOR` virtual half-wins are added in both directions of every compared
-  pair (a standard regulariser) and the result says so. CIs: percentile bootstrap over comparisons.
+  pair (a standard regulariser) and the result says so. CIs: percentile bootstrap over comparisons (a resample
+  that is not strongly connected is regularised the same way).
 - Krippendorff's α comes from the `krippendorff` package: ordinal for A–D, nominal for pairwise outcomes. Units
   are items (a run's output for an example; a pair's outputs for an example), values the raters' first ratings
   (consistency repeats are left out).
@@ -100,7 +101,9 @@ def bt_fit(wins: np.ndarray, prior: float = 0.0, tol: float = 1e-10, max_iter: i
     total = w.sum(axis=1)
     pi = np.full(k, 1.0 / k)
     for _ in range(max_iter):
-        denom = (n / (pi[:, None] + pi[None, :])).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(n > 0, n / (pi[:, None] + pi[None, :]), 0.0)
+        denom = np.nan_to_num(ratio).sum(axis=1)
         new = np.where(denom > 0, total / np.where(denom > 0, denom, 1.0), pi)
         new = new / new.sum()
         if np.max(np.abs(new - pi)) < tol:
@@ -157,7 +160,8 @@ def pairwise(outcomes: list[tuple[str, str, str]], n_boot: int = 1000, seed: int
     for _ in range(n_boot):
         sample = [outcomes[i] for i in rng.integers(0, len(outcomes), len(outcomes))]
         ws = _wins(players, sample)
-        boot_pi.append(bt_fit(ws, prior, tol=1e-8))
+        # a resample may lose connectivity (a run that never lost in it): regularised like the full data would be
+        boot_pi.append(bt_fit(ws, prior or (0.0 if _strongly_connected(ws) else PRIOR), tol=1e-8))
         boot_rate.append(_win_rates(players, ws))
     bp, br = np.array(boot_pi), np.array(boot_rate)
     for i, p in enumerate(players):

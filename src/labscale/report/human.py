@@ -218,15 +218,20 @@ def human_section(store: Store, runs: list[StoredRun], n_boot: int, seed: int) -
             p = entry["pairwise"]
             res = p["result"]
             lines += [f"### {task} — pairwise comparisons", ""]
-            order = sorted(res.players, key=lambda x: -res.strength[x][0])
             judge_results = {j: s["result"] for j, s in p["judges"].items()}
+            players = list(dict.fromkeys([*res.players, *[x for jr in judge_results.values() for x in jr.players]]))
+            first_judge = next(iter(judge_results.values()), None)
+            # ranked by the humans' strengths; runs only a judge compared follow, by the first judge's
+            order = sorted(players, key=lambda x: (x not in res.strength, -res.strength[x][0] if x in res.strength
+                                                   else -(first_judge.strength.get(x, (0,))[0] if first_judge else 0)))
             header = ["rank", "model · setting", "comparisons", "win rate", "Bradley–Terry strength"]
             for j in judge_results:
                 header += [f"judge `{j}` win rate", f"judge `{j}` Bradley–Terry"]
             rows = []
             for rank, player in enumerate(order, 1):
-                row = [str(rank), p["labels"].get(player, player), str(res.games[player]), _pct(res.win_rate[player]),
-                       _ci(res.strength[player])]
+                human = player in res.strength
+                row = [str(rank), p["labels"].get(player, player), str(res.games.get(player, 0)),
+                       _pct(res.win_rate[player]) if human else "n/a", _ci(res.strength[player]) if human else "n/a"]
                 for jr in judge_results.values():
                     row += [_pct(jr.win_rate[player]) if player in jr.win_rate else "n/a",
                             _ci(jr.strength[player]) if player in jr.strength else "n/a"]
