@@ -206,8 +206,9 @@ def human_section(store: Store, runs: list[StoredRun], n_boot: int, seed: int) -
             a = entry["absolute"]
             lines += [f"### {task} — absolute ratings", ""]
             rows = [[r["label"], str(r["n"]), *[_pct(r["shares"][g]) for g in "ABCD"], _pct(r["a_or_b"])]
-                    for r in a["runs"]]
-            lines += table(["model · setting", "ratings", "A", "B", "C", "D", "A or B"], rows)
+                    for r in a["runs"] if r["n"]]
+            lines += table(["model · setting", "ratings", "A", "B", "C", "D", "A or B"], rows) if rows else \
+                ["No human ratings yet (`labscale rate --db …`).", ""]
             for j in a["judges"]:
                 jrows = [[r["label"], str(r["judges"][j]["n"]), *[_pct(r["judges"][j]["shares"][g]) for g in "ABCD"],
                           str(r["judges"][j]["failures"])] for r in a["runs"] if j in r["judges"]]

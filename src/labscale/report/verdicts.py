@@ -89,7 +89,7 @@ class Verdict:
         if self.verdict == INCONCLUSIVE:
             if self.needed is None:
                 return "inconclusive — no sample size decides a difference of 0 at margin 0 (set a margin)"
-            return f"inconclusive — needs ~{self.needed:,} more test examples"
+            return f"inconclusive — needs ~{self.needed:,} more test example{'s' if self.needed != 1 else ''}"
         return self.verdict or f"n/a ({self.why})"
 
     def as_dict(self) -> dict:
