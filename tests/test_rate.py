@@ -209,3 +209,27 @@ def test_judge_both_orders_cache_and_report(db, capsys, monkeypatch):
     assert "| small-model-y · zero-shot | 10 | 0% [0, 0] | 0% [0, 0] | 0% [0, 0] | 100% [100, 100] | 0 |" in text
     assert "### summ — pairwise comparisons" in text and f"judge `judge:{MODELS[1]}` Bradley–Terry" in text
     assert "| alice | 2 | 100% [100, 100] |" in text  # consistent on both repeats
+
+
+def test_a_database_from_before_ratings(tmp_path, capsys, monkeypatch):
+    """Schema 3 (no predictions.input, no rating tables): the report reads it as is; `rate` shows the prompt as
+    the input and the store's additive migration adds the tables when it first writes."""
+    db = rating_db(tmp_path / "old.db", n=3)
+    conn = sqlite3.connect(db)
+    conn.executescript("ALTER TABLE predictions DROP COLUMN input; DROP TABLE ratings; DROP TABLE rating_sessions;"
+                       "UPDATE meta SET value='3' WHERE key='schema_version';")
+    conn.close()
+    code, _, err = cli(capsys, monkeypatch, "report", "--db", db, "--html")
+    assert code == 0, err
+    assert "## Human evaluation" not in db.with_suffix(".md").read_text()
+    assert "(see prompt)" in db.with_suffix(".html").read_text()
+    with serving(db) as (url, items):
+        assert items[0].input == "<|user|>input 0<|assistant|>"
+        s = httpx.post(f"{url}/api/session", json={"rater": "carol"}).json()
+        assert httpx.post(f"{url}/api/rate", json={"rater": "carol", "code": s["item"]["code"],
+                                                    "rating": "B"}).status_code == 200
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    assert "input" in {r[1] for r in conn.execute("PRAGMA table_info(predictions)")}
+    assert conn.execute("SELECT rating FROM ratings").fetchall() == [("B",)]
+    conn.close()

@@ -31,6 +31,12 @@ class Item:
     outputs: tuple[str, ...]  # one (absolute) or two (pairwise, in run_id, other_run_id order)
 
 
+def _input(prediction) -> str:
+    """The example's input as stored; a database from before inputs were stored shows the exact prompt."""
+    value = prediction["input"] if "input" in prediction.keys() else None
+    return value if value is not None else prediction["prompt"]
+
+
 def experiment_row(store: Store, experiment: str | None):
     exp = store.latest_experiment(experiment)
     if exp is None:
@@ -56,8 +62,7 @@ def load_items(store: Store, exp_id: int, mode: str, task: str | None = None) ->
     outputs: dict[str, dict[str, tuple[str, str, str]]] = {}  # run id -> example id -> (output, input, instruction)
     for r in runs:
         info = json.loads(r["task_json"])
-        outputs[r["id"]] = {p["example_id"]: (p["output"], p["input"] if p["input"] is not None else p["prompt"],
-                                              info.get("instruction") or "")
+        outputs[r["id"]] = {p["example_id"]: (p["output"], _input(p), info.get("instruction") or "")
                             for p in store.predictions(r["id"]) if p["error"] is None and p["output"].strip()}
     items: list[Item] = []
     if mode == "absolute":

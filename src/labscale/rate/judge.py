@@ -108,8 +108,9 @@ def prompts_for(item: Item, mode: str) -> list[tuple[str, str, str | None]]:
     if mode == "absolute":
         return [(ABSOLUTE_PROMPT.format(**DEFINITIONS, **base, output=item.outputs[0]), item.run_id, None)]
     a, b = item.outputs
-    return [(PAIRWISE_PROMPT.format(**base, first=a, second=b), item.run_id, item.other_run_id),
-            (PAIRWISE_PROMPT.format(**base, first=b, second=a), item.other_run_id, item.run_id)]
+    other = str(item.other_run_id)
+    return [(PAIRWISE_PROMPT.format(**base, first=a, second=b), item.run_id, other),
+            (PAIRWISE_PROMPT.format(**base, first=b, second=a), other, item.run_id)]
 
 
 def run_judge(db: Path, label: str, mode: str, task: str | None, experiment: str | None,
@@ -145,14 +146,15 @@ def run_judge(db: Path, label: str, mode: str, task: str | None, experiment: str
         row = store.start_rating_session(exp_id, f"judge:{label}", mode, task or "*", "judge", 0)
         rows, failures = [], 0
         for pos, ((item, _, _, left, right), key) in enumerate(zip(calls, cached.keys)):
-            text = cached.text(pos)
-            if text is None:
+            answer = cached.text(pos)
+            if answer is None:
                 continue  # the request failed: retried on the next run
-            parsed = parse_grade(text) if mode == "absolute" else parse_choice(text)
-            rating = parsed if mode == "absolute" else {"first": "left", "second": "right"}.get(parsed, parsed)
+            parsed = parse_grade(answer) if mode == "absolute" else parse_choice(answer)
+            rating = parsed if mode == "absolute" or parsed is None else \
+                {"first": "left", "second": "right"}.get(parsed, parsed)
             failures += rating is None
             rows.append({"position": pos, "item": key[:12], "example_id": item.example_id, "run_id": left,
-                         "other_run_id": right, "rating": rating, "raw": text})
+                         "other_run_id": right, "rating": rating, "raw": answer})
         store.put_ratings(row["id"], rows)
     finally:
         store.close()

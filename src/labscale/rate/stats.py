@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def share_ci(indicator: list[float], n_boot: int, seed: int) -> tuple[float | No
     return float(stats.mean()), low, high
 
 
-def alpha(units: dict, level: str) -> float | None:
+def alpha(units: dict, level: Literal["nominal", "ordinal"]) -> float | None:
     """Krippendorff's α over {unit: {rater: value}} (values numeric codes); None when it is undefined (fewer than
     two raters on any unit, or a single value overall)."""
     import krippendorff
@@ -165,7 +166,8 @@ def pairwise(outcomes: list[tuple[str, str, str]], n_boot: int = 1000, seed: int
         boot_rate.append(_win_rates(players, ws))
     bp, br = np.array(boot_pi), np.array(boot_rate)
     for i, p in enumerate(players):
-        res.strength[p] = (float(pi[i]), *map(float, np.nanpercentile(bp[:, i], [2.5, 97.5])))
+        s_lo, s_hi = np.nanpercentile(bp[:, i], [2.5, 97.5])
+        res.strength[p] = (float(pi[i]), float(s_lo), float(s_hi))
         col = br[:, i][~np.isnan(br[:, i])]
         lo, hi = (np.percentile(col, [2.5, 97.5]) if len(col) else (math.nan, math.nan))
         res.win_rate[p] = (float(rates[i]), float(lo), float(hi))

@@ -262,6 +262,7 @@ def build_html(store: Store, experiment: str | None = None, bootstrap_samples: i
 
     markdown = build_report(store, experiment, bootstrap_samples)  # raises the one-line error for no results
     exp = store.latest_experiment(experiment)
+    assert exp is not None  # build_report raised otherwise
     config = json.loads(exp["config_json"])
     runs = [StoredRun(store, r) for r in store.experiment_runs(exp["id"])]
     n_boot = bootstrap_samples or config.get("bootstrap_samples", 1000)

@@ -125,13 +125,13 @@ def human_data(store: Store, runs: list[StoredRun], n_boot: int, seed: int) -> d
                 j_outcomes = [(u[0], u[1], o) for u, o in combined.items() if o is not None]
                 agree, with_judge = [], {u: dict(v) for u, v in units.items()}
                 inv = {v: k for k, v in OUTCOME_CODE.items()}
-                for u, o in combined.items():
-                    if o is None:
+                for u, judged_outcome in combined.items():
+                    if judged_outcome is None:
                         continue
-                    with_judge.setdefault(u, {})[j] = OUTCOME_CODE[o]
+                    with_judge.setdefault(u, {})[j] = OUTCOME_CODE[judged_outcome]
                     maj = majority([inv[v] for v in units.get(u, {}).values()])
                     if maj is not None:
-                        agree.append(float(maj == o))
+                        agree.append(float(maj == judged_outcome))
                 entry["pairwise"]["judges"][j] = {
                     "prompts": len(jrows), "failures": sum(x["rating"] is None for x in jrows),
                     "order_disagreements": sum(1 for v in both.values() if len(v) == 2 and None not in v

@@ -104,7 +104,7 @@ def margin_for(config: dict, task: str) -> float:
     """The stored experiment config's margin of `task` (see config.Experiment.margin_for)."""
     margin = config.get("margin")
     if isinstance(margin, dict):
-        return float(margin.get(task, margin.get("default", 0.0)))
+        return float(margin.get(task, margin.get("default")) or 0.0)
     return float(margin or 0.0)
 
 
@@ -121,8 +121,11 @@ def _higher_is_better(run: StoredRun, metric: str) -> bool:
 def pick_reference(runs: list[StoredRun], task: str, reference: str | None) -> StoredRun | None:
     """The task's reference run: the reference model's best complete run on it, else the task's best run."""
     candidates = [r for r in runs if r.task == task and r.complete and (reference is None or r.model == reference)]
-    scored = [(r, _score(r, shown_metric(r, r.task_info["main_metric"]))) for r in candidates]
-    scored = [(r, v) for r, v in scored if v is not None and not math.isnan(v)]
+    scored: list[tuple[StoredRun, float]] = []
+    for r in candidates:
+        v = _score(r, shown_metric(r, r.task_info["main_metric"]))
+        if v is not None and not math.isnan(v):
+            scored.append((r, v))
     if not scored:
         return None
     sign = 1 if _higher_is_better(scored[0][0], shown_metric(scored[0][0], scored[0][0].task_info["main_metric"])) \
