@@ -24,7 +24,10 @@ def db(tmp_path):
             run_spec("sum", "closed", "zero-shot", [0.5, 0.4, 0.6] * 4, metric="rougeL", remote=True,
                      usage_estimated=3),
             run_spec("sum", "small", "zero-shot", [0.45, 0.41, 0.5] * 4, metric="rougeL",
-                     outputs=["<script>alert(1)</script>"] + ["fine"] * 11)]
+                     outputs=["<script>alert(1)</script>"] + ["fine"] * 11),
+            run_spec("sum", "small", "finetuned", [0.5, 0.45, 0.55] * 4, metric="rougeL",
+                     adaptation={"recipe": "tiny-lora", "steps": 20, "cost_usd": 0.002, "energy_kwh": 0.0004,
+                                 "co2eq_kg": 0.0002, "hardware": "cpu", "task": "sum"})]
     return make_db(tmp_path / "x.db", runs, {"reference": "closed", "margin": {"default": 0.05}})
 
 
@@ -44,7 +47,9 @@ def test_html_report_is_self_contained(db, capsys, monkeypatch):
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
     assert page.count("<svg") >= 6  # matrix + 2 per task + fairness
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
-    assert {r["verdict"] for r in data["runs"]} >= {"reference"} and len(data["examples"]) == 4
+    assert {r["verdict"] for r in data["runs"]} >= {"reference"} and len(data["examples"]) == 5
+    assert next(r for r in data["runs"] if r["setting"] == "finetuned")["card"]["recipe"] == "tiny-lora"
+    assert 'id="adaptation"' in page and "(est.)" in page  # CodeCarbon on a CPU machine: estimated energy
     assert "<script>alert(1)</script>" not in page  # escaped in the data block and the tables
     assert "## Verdicts" not in page and "<h3>Verdicts</h3>" in page  # the markdown report, rendered
 
@@ -64,9 +69,11 @@ def test_export_json_csv_and_samples(db, capsys, monkeypatch):
     closed = by[("cls", "closed")]
     assert closed["cost"]["usd_per_1000_examples"] == pytest.approx(0.05 / 24 * 1000) and not closed["cost"]["estimated"]
     assert by[("sum", "closed")]["cost"]["estimated"]  # some API usage was estimated
+    tuned = next(r for r in results["runs"] if r["setting"] == "finetuned")
+    assert tuned["adaptation"]["steps"] == 20
     assert closed["provenance"]["model_fingerprint"] == "fp-closed" and closed["group_scores"]
     samples = [json.loads(line) for line in db.with_name("x.samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 24 * 2 + 12 * 2
+    assert len(samples) == 24 * 2 + 12 * 3
     s = samples[0]
     assert s["schema"] == SAMPLES_SCHEMA and s["doc_id"] == 0 and s["doc"]["input"] == "input 0"
     assert s["resps"] == [[s["filtered_resps"][0]]] and s["accuracy"] == 1.0 and s["arguments"][0][0].startswith("<|user|>")
@@ -75,7 +82,7 @@ def test_export_json_csv_and_samples(db, capsys, monkeypatch):
                        "--out", db.with_name("r.csv"))
     assert code == 0 and "samples:" not in out
     rows = list(csv.DictReader(io.StringIO(db.with_name("r.csv").read_text())))
-    assert list(rows[0]) == CSV_COLUMNS and len(rows) == 4
+    assert list(rows[0]) == CSV_COLUMNS and len(rows) == 5
     assert rows[1]["verdict"] == small["verdict"]["verdict"] and rows[1]["reference_model"] == "closed"
 
 
