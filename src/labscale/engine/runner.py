@@ -242,7 +242,8 @@ class Runner:
                 ]
         predictions = [
             {"example_id": o.example.id, "prompt": it.prompt, "output": o.output, "prediction": o.prediction,
-             "target": o.example.target, "cache_keys": ks, "stats": stats, "error": o.failed}
+             "target": o.example.target, "cache_keys": ks, "stats": stats, "error": o.failed,
+             "input": o.example.input}
             for o, it, ks, stats in zip(outcomes, plan.items, keys, per_example)
         ]
         return predictions, scores, group_scores

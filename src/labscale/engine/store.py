@@ -19,7 +19,8 @@ from labscale.secrets import redact
 # SQLite's application_id header field marks a file as labscale's ('LbSc'); files of older labscale versions
 # without it are recognised by their meta table.
 APPLICATION_ID = 0x4C625363
-SCHEMA_VERSION = "3"  # 2: predictions.error, generations.usage_estimated, notices; 3: group_scores
+SCHEMA_VERSION = "4"  # 2: predictions.error, generations.usage_estimated, notices; 3: group_scores;
+# 4: predictions.input, rating_sessions and ratings (human evaluation, labscale rate)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +94,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     cache_keys_json TEXT NOT NULL,
     stats_json TEXT NOT NULL,
     error TEXT,
+    input TEXT,
     PRIMARY KEY (run_id, example_id)
 );
 CREATE TABLE IF NOT EXISTS notices (
@@ -110,6 +112,31 @@ CREATE TABLE IF NOT EXISTS group_scores (
     ci_high REAL,
     n INTEGER NOT NULL,
     PRIMARY KEY (run_id, field, metric, kind, group_name)
+);
+CREATE TABLE IF NOT EXISTS rating_sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    rater TEXT NOT NULL,
+    mode TEXT NOT NULL CHECK (mode IN ('absolute', 'pairwise')),
+    task TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('human', 'judge')),
+    seed INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (experiment_id, rater, mode, task)
+);
+CREATE TABLE IF NOT EXISTS ratings (
+    session_id INTEGER NOT NULL REFERENCES rating_sessions(id),
+    position INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    example_id TEXT NOT NULL,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    other_run_id TEXT REFERENCES runs(id),
+    repeat INTEGER NOT NULL DEFAULT 0,
+    rating TEXT,
+    seconds REAL,
+    raw TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (session_id, position)
 );
 CREATE TABLE IF NOT EXISTS scores (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -216,6 +243,9 @@ class Store:
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(generations)")}
         if "usage_estimated" not in columns:
             self.conn.execute("ALTER TABLE generations ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0")
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(predictions)")}
+        if "input" not in columns:
+            self.conn.execute("ALTER TABLE predictions ADD COLUMN input TEXT")
 
     def close(self) -> None:
         self.conn.close()
@@ -281,10 +311,10 @@ class Store:
                 c.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
             c.executemany(
                 """INSERT INTO predictions(run_id, position, example_id, prompt, output, prediction, target,
-                   cache_keys_json, stats_json, error) VALUES (?,?,?,?,?,?,?,?,?,?)""",
+                   cache_keys_json, stats_json, error, input) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
                 [
                     (run_id, i, p["example_id"], p["prompt"], p["output"], p["prediction"], p["target"],
-                     _dumps(p["cache_keys"]), _dumps(p["stats"]), redact(p.get("error")))
+                     _dumps(p["cache_keys"]), _dumps(p["stats"]), redact(p.get("error")), p.get("input"))
                     for i, p in enumerate(predictions)
                 ],
             )
@@ -380,6 +410,51 @@ class Store:
 
     def predictions(self, run_id: str) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM predictions WHERE run_id=? ORDER BY position", (run_id,)).fetchall()
+
+    # -- human evaluation (labscale rate): rater sessions and their ratings -----------------------------------
+
+    def rating_session(self, exp_id: int, rater: str, mode: str, task: str) -> sqlite3.Row | None:
+        try:
+            return self.conn.execute("SELECT * FROM rating_sessions WHERE experiment_id=? AND rater=? AND mode=? "
+                                     "AND task=?", (exp_id, rater, mode, task)).fetchone()
+        except sqlite3.OperationalError:  # a database from before ratings, opened read-only
+            return None
+
+    def start_rating_session(self, exp_id: int, rater: str, mode: str, task: str, source: str, seed: int) -> sqlite3.Row:
+        """The rater's session (created with `seed` the first time; an existing one keeps its seed)."""
+        with self.transaction() as c:
+            c.execute("""INSERT OR IGNORE INTO rating_sessions(experiment_id, rater, mode, task, source, seed,
+                         created_at) VALUES (?,?,?,?,?,?,?)""", (exp_id, rater, mode, task, source, seed, time.time()))
+        row = self.rating_session(exp_id, rater, mode, task)
+        assert row is not None
+        return row
+
+    def put_ratings(self, session_id: int, rows: list[dict]) -> int:
+        """Store ratings (one transaction); a position already rated is kept as it was. Returns rows written."""
+        with self.transaction() as c:
+            before = c.total_changes
+            c.executemany(
+                """INSERT OR IGNORE INTO ratings(session_id, position, item, example_id, run_id, other_run_id, repeat,
+                   rating, seconds, raw, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+                [(session_id, r["position"], r["item"], r["example_id"], r["run_id"], r.get("other_run_id"),
+                  int(r.get("repeat", False)), r.get("rating"), r.get("seconds"), r.get("raw"), time.time())
+                 for r in rows])
+            return c.total_changes - before
+
+    def session_ratings(self, session_id: int) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM ratings WHERE session_id=? ORDER BY position", (session_id,)).fetchall()
+
+    def ratings(self, run_ids: list[str]) -> list[sqlite3.Row]:
+        """Every rating of the given runs (pairwise: both runs among them), with its session's rater, mode and
+        source; in session and position order."""
+        try:
+            rows = self.conn.execute(
+                """SELECT r.*, s.rater, s.mode, s.source, s.task AS session_task, s.experiment_id FROM ratings r
+                   JOIN rating_sessions s ON s.id = r.session_id ORDER BY r.session_id, r.position""").fetchall()
+        except sqlite3.OperationalError:  # a database from before ratings, opened read-only
+            return []
+        ids = set(run_ids)
+        return [r for r in rows if r["run_id"] in ids and (r["other_run_id"] is None or r["other_run_id"] in ids)]
 
     def counts(self) -> dict[str, int]:
         tables = ("experiments", "runs", "generations", "loglikelihoods", "predictions", "scores", "group_scores",

@@ -59,6 +59,10 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
                       f"{r.model} · {r.task} · {r.setting}: {r.efficiency['failed']}/{r.efficiency['examples']}"
                       for r in failed) + ".", ""]
 
+    from labscale.report.verdicts import compute_verdicts, verdict_section
+
+    lines += verdict_section(compute_verdicts(runs, config, n_boot, seed), config, n_boot)
+
     lines += ["## Models", ""]
     model_rows = []
     for m in models:
@@ -151,6 +155,10 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
     from labscale.report.values import values_section
 
     lines += values_section(runs)
+
+    from labscale.report.human import human_section
+
+    lines += human_section(store, runs, n_boot, seed)
 
     lines += ["## Efficiency", "",
               "Per run, from the stored per-request timings (cached requests keep the timings of the run that "
