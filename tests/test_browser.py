@@ -30,6 +30,8 @@ ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,  # a headless chromium
     pytest.mark.skipif(not Path(CHROMIUM).exists(),
                        reason="chromium is not installed (scripts/setup.sh --dev installs it with apt-get)"),
     pytest.mark.timeout(300),

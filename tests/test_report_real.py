@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from helpers import cli, write_experiment
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 MODEL = "embedded:smollm2-135m-instruct"
 
