@@ -60,6 +60,7 @@ def _stderr(msg: str) -> None:
 def validate(exp: Experiment, limit: int | None = None, status: Callable | None = None) -> Validated:
     """Phase 1: resolve and check everything; raises LabscaleError before any work is done."""
     from labscale.adapt.experiment import finetune_adaptations
+    from labscale.adapt.optimize import compile_adaptations
     from labscale.config import task_name
     from labscale.engine.plan import check_prices, plan_run, skipped_models
     from labscale.models.registry import resolve_model
@@ -84,8 +85,10 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     backends = [resolve_model(spec) for spec in models]
     check_prices(exp, backends)
     plans = [plan_run(exp, spec, backend, task, setting, test_sets[task.name])
-             for spec, backend in zip(models, backends) for task in tasks for setting in settings]
+             for spec, backend in zip(models, backends) for task in tasks for setting in settings
+             if not setting.deferred]  # optimized settings are planned once compiled (the adapt phase)
     adaptations = finetune_adaptations(exp, tasks) if exp.adaptations else []
+    adaptations += compile_adaptations(exp, tasks, models, backends)
     return Validated(exp, plans, adaptations, {t.name: t for t in tasks}, test_sets, notices, models)
 
 
