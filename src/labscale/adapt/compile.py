@@ -144,9 +144,11 @@ class Role:
         return sum(c for _, _, c in self.rows.values())
 
     def summary(self) -> dict:
+        """Distinct calls used; `new` of them made by this invocation (a key is generated once, then cached),
+        the rest found in the cache (an earlier attempt, another setting, another experiment)."""
         info = self.backend.info
         return {"model": info.name, "fingerprint": info.fingerprint, "calls": len(self.keys), "new": self.new,
-                "cached": self.cached, "failed": self.failed,
+                "cached": len(self.keys) - self.new, "failed": self.failed,
                 "prompt_tokens": sum(p for p, _, _ in self.rows.values()),
                 "new_tokens": sum(n for _, n, _ in self.rows.values()),
                 "compute_s": round(self.compute_s(), 3), "usd": self.usd(),
@@ -205,7 +207,8 @@ class Compiler:
         return list(roles.values())
 
     def _generate(self, role: Role, prompts: list[str], decoding: DecodingParams) -> list[str | None]:
-        """Texts for rendered prompts through the cache (None where the call failed); checks the budget after."""
+        """Texts for rendered prompts through the cache (None where the call failed). Callers record what they
+        learnt from them, then call `check_budget`."""
         if not prompts:
             return []
         counts = self.cache.counts
@@ -213,9 +216,13 @@ class Compiler:
         calls = self.cache.generate(role.backend, [(p, role.backend.count_tokens(p)) for p in prompts], decoding,
                                     role.batch_size)
         role.record(calls, counts.new - before[0], counts.cached - before[1], counts.failed - before[2])
+        return [calls.text(i) for i in range(len(prompts))]
+
+    def check_budget(self) -> None:
+        """BudgetStop once the calls used so far cost more than the budget (after their results are recorded, so
+        the batch that crossed it still counts)."""
         if self.spent_usd() > self.budget_usd:
             raise BudgetStop
-        return [calls.text(i) for i in range(len(prompts))]
 
     def render(self, program: Program, example: Example, backend: ModelBackend | None = None) -> str:
         backend = backend or self.student.backend
@@ -263,10 +270,18 @@ class Compiler:
             self.trials.append({"origin": p.origin, "instruction": p.instruction,
                                 "demos": [d.example.id for d in p.demos], "n": len(examples),
                                 "score": None if math.isnan(trial.score) else trial.score})
+        self.check_budget()
         return [self._scores[(p.key, ids)] for p in programs]
 
     def score(self, program: Program, examples: list[Example] | None = None) -> Trial:
         return self.score_many([program], self.dev if examples is None else examples)[0]
+
+    def best_on_dev(self) -> Trial:
+        """After a budget stop: the best program scored on all of dev so far (the task's own prompt, unscored,
+        when none was)."""
+        ids = tuple(ex.id for ex in self.dev)
+        done = [t for (_, on), t in self._scores.items() if on == ids]
+        return self.best(done) if done else Trial(self.seed_program, float("nan"), 0)
 
     @staticmethod
     def best(trials: list[Trial]) -> Trial:
@@ -295,6 +310,7 @@ class Compiler:
                 prompts.append(self.render(own, ex, self.teacher.backend))
             for ex, text in zip(todo, self._generate(self.teacher, prompts, self.decoding)):
                 self._teacher_answers[ex.id] = text
+            self.check_budget()
         return [self._teacher_answers[ex.id] for ex in examples]
 
     def accepts(self, example: Example, text: str | None) -> bool:
@@ -336,7 +352,8 @@ class Compiler:
                 scored.append(self.score(program))
         except BudgetStop:
             self.stopped = "budget"
-        return self.best(scored) if scored else Trial(self.seed_program, float("nan"), 0)
+            return self.best_on_dev()
+        return self.best(scored)
 
     def _demo_candidates(self, n: int):
         """The candidates after the zero-shot one, built one at a time (so a budget stop builds no more)."""
@@ -417,6 +434,7 @@ class Compiler:
         self.proposals.append({"call": call, "reply": text, "instruction": ins if fresh else None,
                                "rejected": None if fresh else ("failed call" if text is None else
                                                                "duplicate" if ins is not None else "unreadable")})
+        self.check_budget()
         return ins if fresh else None
 
     def instruction_search(self, trials: int, demos: tuple[Demo, ...] | None = None) -> Trial:
@@ -440,7 +458,8 @@ class Compiler:
                 scored += self.score_many(new, self.dev)
         except BudgetStop:
             self.stopped = "budget"
-        return self.best(scored) if scored else Trial(self.seed_program, float("nan"), 0)
+            return self.best_on_dev()
+        return self.best(scored)
 
     # -- full: MIPRO-lite --------------------------------------------------------------------------------------
 
@@ -456,7 +475,8 @@ class Compiler:
                 if ins is not None:
                     seen.add(ins)
                     instructions.append(ins)
-            n_sets = max(1, math.ceil(trials / len(instructions)))
+            # at least the zero-shot, labeled and bootstrapped demo sets, more when T allows
+            n_sets = max(3, math.ceil(trials / len(instructions)))
             demo_sets = [p.demos for p in self.demo_candidates(max(0, n_sets - 3))][:n_sets]
             demo_sets = list({tuple((d.example.id, d.answer) for d in ds): ds for ds in demo_sets}.values())
             configs = [(i, j) for i in range(len(instructions)) for j in range(len(demo_sets))]
@@ -477,8 +497,7 @@ class Compiler:
             return self.best(self.score_many(survivors, self.dev))
         except BudgetStop:
             self.stopped = "budget"
-            done = [t for (key, ids), t in self._scores.items() if ids == tuple(ex.id for ex in self.dev)]
-            return self.best(done) if done else Trial(self.seed_program, float("nan"), 0)
+            return self.best_on_dev()
 
     def compile(self, mode: str, trials: int) -> Trial:
         trials = trials or DEFAULT_TRIALS[mode]

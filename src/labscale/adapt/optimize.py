@@ -379,7 +379,7 @@ class CompileAdaptation:
             "candidates": len(compiler.trials), "trajectory": compiler.trials, "proposals": compiler.proposals,
             "stopped": compiler.stopped,
             "cost": {"calls": len(keys), "new": sum(r.new for r in roles.values()),
-                     "cached": sum(r.cached for r in roles.values()),
+                     "cached": len(keys) - sum(r.new for r in roles.values()),
                      "failed": sum(r.failed for r in roles.values()),
                      "prompt_tokens": sum(s["prompt_tokens"] for s in summaries.values()),
                      "new_tokens": sum(s["new_tokens"] for s in summaries.values()),

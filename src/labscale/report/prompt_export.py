@@ -48,11 +48,15 @@ def pick(runs: list[StoredRun], task: str | None, model: str | None, setting: st
 
 def _entry(config: dict, run: StoredRun) -> dict:
     """The experiment's own entry for the run's task (a dict), the compiled instruction and demos put in."""
+    from labscale.config import TaskRef, TaskSpec
+
     card = run.task_info["compiled"]
     entry: dict = {"name": run.task}
     for t in config.get("tasks", []):
-        if isinstance(t, dict) and t.get("name") == run.task:
-            entry = {k: v for k, v in t.items() if v not in (None, [], {}) or k in ("labels",)}
+        if isinstance(t, dict) and t.get("name") == run.task:  # as written: the fields that differ from defaults
+            fields = (TaskSpec if "data" in t else TaskRef).model_fields
+            entry = {k: v for k, v in t.items() if k in fields and (
+                fields[k].is_required() or v != json.loads(json.dumps(fields[k].default)))}
     for key in ("instruction", "demos"):
         entry.pop(key, None)
     entry["instruction"] = card["instruction"]

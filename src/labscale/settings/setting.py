@@ -11,9 +11,10 @@ Formats (the same for every model; chat models see them through their own chat t
 * multiple-choice, generative protocol (cot, optimized, or backends without log-likelihoods) — the question with
   lettered options (A-Z: a task with more than 26 choices is a ConfigError here, before the database opens),
   answered with a letter; labscale.answers reads the letter back.
-* rag:K[:retriever] — the zero-shot turn with the K retrieved passages between the instruction and the input,
-  numbered so that an answer can cite them (RAG_TEMPLATE below; log-likelihood: the passage block, a blank line,
-  then the input). The planner (engine/plan.py) retrieves them; nothing here searches.
+* rag:K[:retriever] — the zero-shot turn with the K retrieved passages before it, numbered so that an answer can
+  cite them (RAG_TEMPLATE below): the closed-book prompt is unchanged and only the passage block is added, so
+  zero-shot vs rag:K compares exactly "with or without the passages" (log-likelihood: the passage block, a blank
+  line, then the input). The planner (engine/plan.py) retrieves them; nothing here searches.
 * optimized[:fewshot|instruction|full[:T]] — a compiled prompt (adapt/compile.py): the zero-shot format with the
   compiled instruction in place of the task's and the compiled demonstrations as earlier user/assistant turns,
   fixed for every test example. Until compiled, the setting is `deferred` (planned after the adapt phase).
@@ -48,11 +49,13 @@ OPTIMIZE_MODES = ("fewshot", "instruction", "full")
 DEFAULT_OPTIMIZE_MODE = "fewshot"
 MAX_TRIALS = 256
 
-# The rag prompt: {instruction}, a blank line, the passages block, a blank line, {input}. Each passage is
-# "[n] title" then its text on the next line (no title: "[n] text"); passages are separated by a blank line and
-# numbered from 1 in retrieval order (best first), so an answer can cite "[1]".
+# The rag prompt: the passages block, a blank line, then the zero-shot prompt ({instruction}, a blank line,
+# {input}). Each passage is "[n] title" then its text on the next line (no title: "[n] text"); passages are
+# separated by a blank line and numbered from 1 in retrieval order (best first), so an answer can cite "[1]".
+# (Passages first, the instruction right before the input: with the instruction above the passages, the
+# embedded 0.5B model lost the answer format and answered "no" to most questions.)
 RAG_HEADER = "Passages:"
-RAG_TEMPLATE = "{instruction}\n\n" + RAG_HEADER + "\n[1] {title}\n{text}\n\n[2] …\n\n{input}"
+RAG_TEMPLATE = RAG_HEADER + "\n[1] {title}\n{text}\n\n[2] …\n\n{instruction}\n\n{input}"
 
 
 @dataclass(frozen=True)
@@ -206,9 +209,9 @@ def _user_text(task: Task, example: Example, mc_letters: bool, instruction: str 
         check_letters(task, example)
     body = lettered(example) if mc_letters and example.choices else example.input
     instruction = task.instruction if instruction is None else instruction
-    parts = [instruction] if instruction else []
-    if passages is not None:
-        parts.append(passages_block(passages))
+    parts = [] if passages is None else [passages_block(passages)]
+    if instruction:
+        parts.append(instruction)
     parts.append(body)
     if mc_letters and example.choices:
         letters = ", ".join(LETTERS[: len(example.choices)])
