@@ -336,7 +336,11 @@ def test_compile_on_the_embedded_model(tmp_path, capsys, monkeypatch):
 def test_compile_resumes_after_sigkill_without_repeating_a_call(tmp_path):
     exp = _real_experiment(tmp_path, "resume")
     db = tmp_path / "r.db"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    import labscale
+
+    src = str(Path(labscale.__file__).resolve().parents[1])  # the labscale under test, whatever the cwd
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
 
     def rows() -> int:
         try:

@@ -270,6 +270,8 @@ class Compiler:
             self.trials.append({"origin": p.origin, "instruction": p.instruction,
                                 "demos": [d.example.id for d in p.demos], "n": len(examples),
                                 "score": None if math.isnan(trial.score) else trial.score})
+            self.say(f"  candidate {len(self.trials)}: {p.origin}, {len(p.demos)} demos — {self.task.main_metric} "
+                     f"{'n/a' if math.isnan(trial.score) else f'{trial.score:.3f}'} on {len(examples)} dev examples")
         self.check_budget()
         return [self._scores[(p.key, ids)] for p in programs]
 
