@@ -83,8 +83,10 @@ def _examples_sha(examples: list[Example]) -> str:
 
 
 def _pick_model(exp: Experiment, name: str | None, role: str, student: tuple[ModelSpec, ModelBackend],
-                evaluated: list[tuple[ModelSpec, ModelBackend]]) -> tuple[ModelSpec, ModelBackend]:
-    """The teacher / proposer: the student (None), an evaluated model by name or id, or a bare model id."""
+                evaluated: list[tuple[ModelSpec, ModelBackend]],
+                extra: dict[str, tuple[ModelSpec, ModelBackend]]) -> tuple[ModelSpec, ModelBackend]:
+    """The teacher / proposer: the student (None), an evaluated model by name or id, or a bare model id (one
+    backend per id, shared by every compilation: `extra`)."""
     from labscale.models.registry import missing_key, resolve_model
 
     if name is None:
@@ -101,12 +103,14 @@ def _pick_model(exp: Experiment, name: str | None, role: str, student: tuple[Mod
         raise ConfigError(f"optimize.{role} '{name}' is neither a model of this experiment nor a model id",
                           f"{did_you_mean(name, [m.label for m in exp.models])}name a model of the experiment, or "
                           "an embedded:/hf:/openai: id")
-    spec = ModelSpec(id=name).resolved(exp.base_dir)
-    var = missing_key(spec)
-    if var:
-        raise ModelError(f"optimize.{role} '{name}' cannot generate: its API key ${var} is not set",
-                         f"export {var}=…, or name another {role}")
-    return spec, resolve_model(spec)
+    if name not in extra:
+        spec = ModelSpec(id=name).resolved(exp.base_dir)
+        var = missing_key(spec)
+        if var:
+            raise ModelError(f"optimize.{role} '{name}' cannot generate: its API key ${var} is not set",
+                             f"export {var}=…, or name another {role}")
+        extra[name] = (spec, resolve_model(spec))
+    return extra[name]
 
 
 def _usd_per_hour(o: OptimizeSpec) -> float:
@@ -338,6 +342,9 @@ class CompileAdaptation:
             best = compiler.compile(self.mode, self.trials)
         finally:
             kwh, kg = meter.stop()
+            for role in compiler.roles():  # free the teacher's / proposer's weights (they reload when needed)
+                if role.backend is not self.backend:
+                    role.backend.close()
         wall = time.time() - started
         card = self._card(compiler, best, wall, kwh if meter.enabled else None, kg if meter.enabled else None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,10 +412,11 @@ def compile_adaptations(exp: Experiment, tasks: list[Task], models: list[ModelSp
     if not settings:
         return []
     evaluated = list(zip(models, backends))
+    extra: dict[str, tuple[ModelSpec, ModelBackend]] = {}
     out = []
     for spec, backend in evaluated:
-        teacher = _pick_model(exp, exp.optimize.teacher, "teacher", (spec, backend), evaluated)
-        proposer = _pick_model(exp, exp.optimize.proposer, "proposer", (spec, backend), evaluated)
+        teacher = _pick_model(exp, exp.optimize.teacher, "teacher", (spec, backend), evaluated, extra)
+        proposer = _pick_model(exp, exp.optimize.proposer, "proposer", (spec, backend), evaluated, extra)
         for task in tasks:
             for setting in settings:
                 out.append(CompileAdaptation(exp, spec, backend, task, setting, teacher, proposer))

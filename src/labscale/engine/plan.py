@@ -29,7 +29,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
-from typing import Callable
+from typing import Any, Callable
 
 from labscale.answers import ANSWER_PARSER_VERSION
 from labscale.config import Experiment, ModelSpec
@@ -148,7 +148,7 @@ def _fit(task: Task, backend: ModelBackend) -> Callable[[Example], Example]:
 _NAMED = 3  # examples named in a context error
 
 # One index per (collection hash, retriever) and one search per (index, K, queries), shared by every model's run.
-_INDEXES: dict[tuple[str, str], object] = {}
+_INDEXES: dict[tuple[str, str], Any] = {}  # retrieval Retrievers (with `manifest`, `reused`)
 _HITS: dict[tuple[str, str, int, str], list] = {}
 
 
@@ -174,7 +174,7 @@ def retrieve(task: Task, setting: Setting, examples: list[Example]) -> tuple[lis
     hits_key = (*key, setting.passages, sha(queries))
     if hits_key not in _HITS:
         _HITS[hits_key] = index.search(queries, setting.passages)
-    manifest = index.manifest  # type: ignore[attr-defined]
+    manifest = index.manifest
     info = {"retriever": setting.retriever, "k": setting.passages, "collection": collection.info(),
             "index_version": sha(manifest["version"])[:8], "index_built_at": manifest.get("built_at"),
             "index_build_s": manifest.get("build_s"), "index_reused": bool(getattr(index, "reused", False)),
@@ -311,7 +311,7 @@ def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task
     decoding = _decoding(exp, setting)
     retrieved, retrieval = retrieve(task, setting, test_set) if setting.kind == "rag" else (None, None)
     items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens, retrieved)
-    limit = {"input_limit": [task.max_input_tokens, task.truncate]} if task.max_input_tokens else {}
+    limit: dict[str, Any] = {"input_limit": [task.max_input_tokens, task.truncate]} if task.max_input_tokens else {}
     if retrieval:  # the index the passages came from (the prompts hold the passages themselves)
         limit["retrieval"] = [retrieval["collection"]["hash"], retrieval["retriever"], retrieval["index_version"]]
     if setting.compiled:
