@@ -86,10 +86,10 @@ def compiled_section(runs: list[StoredRun], n_boot: int, seed: int) -> list[str]
     for r in compiled:
         c = r.task_info["compiled"]
         demos = ", ".join(f"`{d['id']}` ({d['kind']})" for d in c.get("demos", [])) or "none"
-        changed = "changed" if c.get("instruction_changed") else "kept (the task's own)"
+        changed = "compiled" if c.get("instruction_changed") else "the task's own, kept"
         lines += [f"**{r.model} · {r.task} · {r.setting}** — {c.get('origin', '')}; teacher {c.get('teacher')}, "
                   f"proposer {c.get('proposer')}; identity `{c.get('identity')}` (`{c.get('file')}`).", "",
-                  f"- Instruction ({changed}): " + " ".join(str(c.get("instruction", "")).split()),
+                  f"- Instruction, {changed}: " + " ".join(str(c.get("instruction", "")).split()),
                   f"- Demonstrations (train ids): {demos}", ""]
     lines += ["Export a compiled prompt as a task entry you can read and reuse: `labscale export-prompt --db <db> "
               "--task <task> --model <model> --setting <setting>`.", ""]
