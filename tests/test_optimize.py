@@ -200,6 +200,10 @@ def test_instruction_search_finds_the_better_instruction(tmp_path, parity, scrip
     assert card["dev"]["score"] == 1.0 and _scores(tmp_path / "o.db")["optimized:instruction:3"] == 1.0
     assert len(card["proposals"]) == 3  # T = 3 proposer calls, in rounds of 2
     assert [p["rejected"] for p in card["proposals"]] == [None, "unreadable", "duplicate"]
+    from labscale.adapt.compile import parse_instruction
+
+    assert parse_instruction("INS Answer yes or no, carefully.") == "Answer yes or no, carefully."
+    assert parse_instruction("hmm") is None and parse_instruction("Instruction: \"Say yes or no.\"") == "Say yes or no."
     meta = [json.loads(p)[-1]["content"] for p in scripted.prompts if "<INS>" in p]
     assert "Score: 0.00" in meta[0] and "Instruction: Say yes or no." in meta[0]
     assert "Score: 1.00" in meta[2]  # the second round's history holds the first round's scored proposal

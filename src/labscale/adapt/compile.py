@@ -74,7 +74,9 @@ from labscale.models.base import DecodingParams, ModelBackend
 from labscale.settings.setting import Setting, chat_prompt, gold_answer, lettered
 from labscale.tasks.base import Task
 
-ALGORITHM_VERSION = 1  # bump when a search decision changes: it is part of every compiled prompt's identity
+# Bump when a search decision changes: it is part of every compiled prompt's identity.
+# 2: a bare leading "INS" (a tag the proposer half wrote) is dropped from proposals.
+ALGORITHM_VERSION = 2
 DEFAULT_TRIALS = {"fewshot": 4, "instruction": 4, "full": 6}
 LONGEST = 8  # the task's longest inputs (by characters) whose token counts decide whether a program fits
 EXEMPLAR_CHARS = 400  # an exemplar input longer than this is cut (with "…") in the proposer's meta-prompt
@@ -162,6 +164,7 @@ def parse_instruction(text: str) -> str | None:
     over 2,000 characters)."""
     m = re.search(r"<\s*INS\s*>(.*?)(?:<\s*/\s*INS\s*>|$)", text, re.S | re.I)
     ins = m.group(1) if m else text
+    ins = re.sub(r"^\s*<?\s*/?\s*INS\s*>?\s*:?\s+", "", ins.strip())  # a tag the proposer half wrote: "INS …"
     ins = re.sub(r"^\s*(new\s+)?instruction\s*:\s*", "", ins.strip(), flags=re.I).strip().strip("\"'`").strip()
     ins = re.sub(r"[ \t]+", " ", ins)
     return ins if 8 <= len(ins) <= 2000 else None
