@@ -92,7 +92,7 @@ class RunPlan:
     items: list[Item]
     seed: int
     output_budget: dict | None = None  # set when max_new_tokens is far below the references (_output_budget)
-    retrieval: dict | None = None  # rag: collection, retriever, index version (see `retrieval_info`)
+    retrieval: dict | None = None  # rag: collection, retriever, index version (see `retrieve`)
 
     @property
     def label(self) -> str:
