@@ -165,6 +165,21 @@ def rate(
     serve_rating(db, mode, task, host, port, check_token_env(token_env), experiment)
 
 
+@app.command("export-prompt")
+def export_prompt(
+    db: Path = typer.Option(..., help="database written by `labscale run`"),
+    task: Optional[str] = typer.Option(None, help="the compiled prompt's task (needed when several match)"),
+    model: Optional[str] = typer.Option(None, help="its model (name as in the report)"),
+    setting: Optional[str] = typer.Option(None, help="its setting, e.g. optimized:fewshot"),
+    out: Optional[Path] = typer.Option(None, help="YAML file (default: beside the database)"),
+    experiment: Optional[str] = typer.Option(None, help="experiment name (default: the latest in the database)"),
+) -> None:
+    """Write a compiled (optimized) prompt as a YAML task entry: the instruction and demonstrations, reusable."""
+    from labscale.report.prompt_export import export_prompt as export
+
+    typer.echo(f"prompt: {export(db, out, task, model, setting, experiment)}")
+
+
 @app.command()
 def tasks() -> None:
     """List the builtin tasks: description, split sizes, metrics, group fields, data source and licence."""

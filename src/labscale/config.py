@@ -96,10 +96,35 @@ class TaskOptions(_Strict):
 TASK_OPTIONS = tuple(TaskOptions.model_fields)
 
 
+class CollectionSpec(_Strict):
+    """The documents a `rag:K` setting searches for a task (see docs/rag.md): a folder of .txt/.md files, one
+    .txt/.md file, or a table (.jsonl / .csv / .json / .parquet) with one document per row."""
+
+    path: str = Field(description="relative to the experiment file")
+    text_column: str = Field("text", description="tables: the column holding each document's text")
+    id_column: Optional[str] = Field(None, description="tables: document ids (default: the 0-based row number)")
+    title_column: Optional[str] = Field(None, description="tables: document titles (optional)")
+    max_words: int = Field(150, ge=1, le=100_000, description="chunk size in words")
+    overlap: int = Field(30, ge=0, le=100_000, description="words shared by consecutive windows of a long paragraph")
+
+
+class DemoSpec(_Strict):
+    """A fixed demonstration shown before every prompt's input (e.g. a compiled prompt's, exported)."""
+
+    input: str = Field(description="the example's input, as the task's input template renders it")
+    output: str = Field(description="the answer shown for it, verbatim")
+    choices: list[str] = Field([], description="multiple_choice: the options shown with the input")
+    id: Optional[str] = Field(None, description="where the demonstration came from (provenance only)")
+
+
 class TaskRef(TaskOptions):
     """A builtin task (or its `+names` variant) with options: `{name: mts-summarization, max_input_tokens: 512}`."""
 
     name: str
+    instruction: Optional[str] = Field(None, description="replaces the builtin task's instruction")
+    demos: list[DemoSpec] = Field([], description="fixed demonstrations before every input")
+    collection: Optional[CollectionSpec] = Field(None, description="the documents rag:K searches (replaces the "
+                                                 "builtin task's own)")
 
 
 class DataSplits(_Strict):
@@ -152,6 +177,11 @@ class TaskSpec(TaskOptions):
         "val, development, testing), instead of split_fractions")
     groups: list[str] = Field([], description="columns to break every metric down by (per group, worst group, gap)")
     label_aliases: dict[str, list[str]] = Field({}, description="classify: other phrasings that count as a label")
+    demos: list[DemoSpec] = Field([], description="fixed demonstrations before every input (e.g. an exported "
+                                  "compiled prompt)")
+    collection: Optional[CollectionSpec] = Field(None, description="the documents rag:K searches for this task")
+    gold_passage: Optional[str] = Field(None, description="column naming each row's gold document or passage id "
+                                        "(scores retrieval: recall_at_k, mrr)")
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -312,6 +342,37 @@ class AdaptationSpec(FinetuneSpec):
     out: Optional[str] = Field(None, description="adapter folder (default: runs/adapters/<identity>)")
 
 
+class OptimizeSpec(_Strict):
+    """How `optimized` settings compile their prompts (adapt/compile.py; see docs/optimize.md). The mode and the
+    trial budget T are the setting's: optimized[:fewshot|instruction|full[:T]]."""
+
+    teacher: Optional[str] = Field(None, description="model answering train examples for bootstrapped demos: a "
+                                   "model of this experiment (name or id) or an embedded:/hf:/openai: id (default: "
+                                   "the model being compiled)")
+    proposer: Optional[str] = Field(None, description="model writing candidate instructions (default: the model "
+                                    "being compiled)")
+    max_bootstrapped_demos: int = Field(4, ge=0, le=32, description="teacher answers the metric accepted")
+    max_labeled_demos: int = Field(4, ge=0, le=32, description="train examples with their gold answers (also the "
+                                   "teacher's own demonstrations)")
+    train_limit: int = Field(64, ge=1, le=100_000, description="train examples the bootstrap may visit (the "
+                             "first N of the seeded train split)")
+    dev_limit: Optional[int] = Field(50, ge=1, le=100_000, description="dev examples every candidate is scored on "
+                                     "(the first N of the seeded dev split; null: all)")
+    demo_threshold: Optional[float] = Field(None, description="a teacher answer is kept when its main-metric score "
+                                            "is at least this (default: above 0, i.e. correct for accuracy)")
+    instructions_per_round: int = Field(2, ge=1, le=32, description="instructions the proposer writes per round")
+    history: int = Field(8, ge=1, le=64, description="earlier instructions (best by dev score) the proposer sees")
+    exemplars: int = Field(3, ge=0, le=16, description="train examples (input and answer) the proposer sees")
+    proposer_temperature: float = Field(0.7, ge=0.0, le=2.0, description="sampling temperature of the proposer")
+    proposer_max_new_tokens: int = Field(96, ge=8, le=4096)
+    minibatch: int = Field(8, ge=1, le=100_000, description="full: dev examples of the first successive-halving rung")
+    budget_usd: float = Field(5.0, gt=0, description="stop compiling (keeping the best prompt so far) once its "
+                              "calls cost more: API tokens × price, local compute hours × price_per_hour")
+    hardware: Literal["auto", "cpu", "t4", "a100"] = Field("auto", description="prices local compute")
+    price_per_hour: Optional[float] = Field(None, ge=0, description="US $ per device-hour (default: by hardware)")
+    country: str = Field("USA", description="ISO 3166 alpha-3 code for the grid carbon intensity (CodeCarbon)")
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[ModelSpec] = Field(min_length=1)
@@ -332,6 +393,7 @@ class Experiment(_Strict):
     margin: Optional[Union[float, dict[str, float]]] = Field(
         None, description="how far from the reference still counts as good enough, in each task's main-metric units: "
         "one number for every task, or {default: 0.02, <task>: 1.5}; default 0")
+    optimize: OptimizeSpec = Field(OptimizeSpec(), description="prompt compilation for the optimized settings")
     base_dir: Path = Field(Path("."), exclude=True, description="where relative data paths resolve")
 
     @field_validator("models", mode="before")
@@ -429,16 +491,19 @@ class Experiment(_Strict):
                                                                               ("adaptations",))})
         if not self.task_defaults.model_fields_set:
             data.pop("task_defaults")
+        if not self.optimize.model_fields_set:
+            data.pop("optimize")
         for entry, dumped in zip(self.tasks, data["tasks"]):
             if isinstance(dumped, dict):
-                for key in _LATER_TASK_FIELDS:
+                later = _LATER_TASK_FIELDS + (("instruction",) if isinstance(entry, TaskRef) else ())
+                for key in later:
                     if isinstance(entry, str) or key not in entry.model_fields_set:
                         dumped.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_LATER_TASK_FIELDS = (*TASK_OPTIONS, "split_column")
+_LATER_TASK_FIELDS = (*TASK_OPTIONS, "split_column", "demos", "collection", "gold_passage")
 
 
 def _unwrap(t: Any) -> Any:

@@ -33,6 +33,18 @@ class Example:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+@dataclass(frozen=True)
+class Demo:
+    """A demonstration shown before a prompt's input: the example's user turn and the answer shown for it.
+
+    kind: "labeled" (the example's gold answer), "bootstrapped" (a teacher's output that the task metric accepted,
+    as in BootstrapFewShot) or "fixed" (a task's own `demos`, e.g. an exported compiled prompt)."""
+
+    example: Example
+    answer: str
+    kind: str = "labeled"
+
+
 UNPARSEABLE = "<unparseable>"
 
 

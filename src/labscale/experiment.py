@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from labscale.config import Experiment
 from labscale.errors import LabscaleError
 from labscale.results import Results
+
+if TYPE_CHECKING:
+    from labscale.adapt.adaptation import Adaptation
 
 DEFAULT_DB_DIR = Path("runs")
 
@@ -60,6 +63,7 @@ def _stderr(msg: str) -> None:
 def validate(exp: Experiment, limit: int | None = None, status: Callable | None = None) -> Validated:
     """Phase 1: resolve and check everything; raises LabscaleError before any work is done."""
     from labscale.adapt.experiment import finetune_adaptations
+    from labscale.adapt.optimize import compile_adaptations
     from labscale.config import task_name
     from labscale.engine.plan import check_prices, plan_run, skipped_models
     from labscale.models.registry import resolve_model
@@ -84,8 +88,10 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     backends = [resolve_model(spec) for spec in models]
     check_prices(exp, backends)
     plans = [plan_run(exp, spec, backend, task, setting, test_sets[task.name])
-             for spec, backend in zip(models, backends) for task in tasks for setting in settings]
-    adaptations = finetune_adaptations(exp, tasks) if exp.adaptations else []
+             for spec, backend in zip(models, backends) for task in tasks for setting in settings
+             if not setting.deferred]  # optimized settings are planned once compiled (the adapt phase)
+    adaptations: list[Adaptation] = list(finetune_adaptations(exp, tasks)) if exp.adaptations else []
+    adaptations += compile_adaptations(exp, tasks, models, backends)
     return Validated(exp, plans, adaptations, {t.name: t for t in tasks}, test_sets, notices, models)
 
 

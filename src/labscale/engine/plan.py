@@ -13,6 +13,15 @@ them fit. labscale never truncates a prompt silently: only a task's explicit `ma
 
 Output budget: on a generate task, a max_new_tokens under a quarter of the median reference length (in the model's
 tokens, over the run's test examples) is recorded with the run (`output_budget`) and warned about.
+
+Retrieval (rag:K[:retriever]): the task's collection is indexed once per (collection, retriever) — `load_index`
+reads the cached index, or builds and caches it — and shared by every model's run; the K best passages of every
+test example come from one batched search (query: `retrieval.query_for(example)`). They go into the prompt as
+settings/setting.py's numbered passage block and travel with each item (`Item.retrieved`) to the runner, which
+scores retrieval and stores the passage ids with each prediction. Passages are never cut and never dropped: a
+prompt that does not fit with its K passages is an error naming the largest K at which every example fits. The run
+id includes the collection hash, the retriever and its index version; the run record keeps them
+(`task_info["retrieval"]`).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
-from typing import Callable
+from typing import Any, Callable
 
 from labscale.answers import ANSWER_PARSER_VERSION
 from labscale.config import Experiment, ModelSpec
@@ -68,6 +77,7 @@ class Item:
     tokens: int  # prompt tokens (context tokens for log-likelihood)
     continuations: list[str] = field(default_factory=list)  # log-likelihood protocol only
     truncated: bool = False  # its input was cut to the task's max_input_tokens
+    retrieved: list | None = None  # rag: the retrieval Hits in the prompt, best first
 
 
 @dataclass
@@ -82,6 +92,7 @@ class RunPlan:
     items: list[Item]
     seed: int
     output_budget: dict | None = None  # set when max_new_tokens is far below the references (_output_budget)
+    retrieval: dict | None = None  # rag: collection, retriever, index version (see `retrieve`)
 
     @property
     def label(self) -> str:
@@ -108,7 +119,9 @@ class RunPlan:
             "decoding": self.decoding.key(), "task_info": {
                 **self.task.info(), "labels": list(self.task.labels), "instruction": self.task.instruction,
                 **({"input_limit": self.input_limit()} if self.input_limit() else {}),
-                **({"output_budget": self.output_budget} if self.output_budget else {})},
+                **({"output_budget": self.output_budget} if self.output_budget else {}),
+                **({"retrieval": self.retrieval} if self.retrieval else {}),
+                **({"compiled": self.setting.card} if self.setting.card else {})},
             "model_info": {**asdict(info), "spec": self.model.model_dump()},
         }
 
@@ -135,27 +148,92 @@ def _fit(task: Task, backend: ModelBackend) -> Callable[[Example], Example]:
 
 _NAMED = 3  # examples named in a context error
 
+# One index per (collection hash, retriever) and one search per (index, K, queries), shared by every model's run.
+_INDEXES: dict[tuple[str, str], Any] = {}  # retrieval Retrievers (with `manifest`, `reused`)
+_HITS: dict[tuple[str, str, int, str], list] = {}
+
+
+def task_collection(task: Task, setting: Setting):
+    """The collection a rag setting searches for `task`, or a one-line error when it has none."""
+    if task.collection is None:
+        raise ConfigError(f"setting '{setting.name}' needs a document collection but task '{task.name}' has none",
+                          f"name one on the task: `collection: {{path: docs/}}` (a folder of .txt/.md files, or a "
+                          ".jsonl/.csv with a text column; see docs/rag.md), or drop {setting.name}")
+    return task.collection()
+
+
+def retrieve(task: Task, setting: Setting, examples: list[Example]) -> tuple[list[list], dict]:
+    """The K best passages of every example (one batched search, memoised) and the retrieval's provenance."""
+    from labscale.retrieval import load_index, query_for
+
+    collection = task_collection(task, setting)
+    key = (collection.hash, setting.retriever)
+    if key not in _INDEXES:
+        _INDEXES[key] = load_index(collection, setting.retriever)
+    index = _INDEXES[key]
+    queries = [query_for(ex) for ex in examples]
+    hits_key = (*key, setting.passages, sha(queries))
+    if hits_key not in _HITS:
+        _HITS[hits_key] = index.search(queries, setting.passages)
+    manifest = index.manifest
+    info = {"retriever": setting.retriever, "k": setting.passages, "collection": collection.info(),
+            "index_version": sha(manifest["version"])[:8], "index_built_at": manifest.get("built_at"),
+            "index_build_s": manifest.get("build_s"), "index_reused": bool(getattr(index, "reused", False)),
+            **({"encoder_truncated": manifest["truncated"]} if "truncated" in manifest else {})}
+    return _HITS[hits_key], info
+
+
+def _prompt(task: Task, setting: Setting, protocol: str, backend: ModelBackend, ex: Example, seed: int, fit,
+            budget: int, hits) -> tuple[str, list[str], int, int]:
+    """(prompt, continuations, prompt tokens, tokens needed in the context)."""
+    if protocol == "loglikelihood":
+        prompt, continuations = loglikelihood_prompt(task, setting, ex, seed, fit, hits)
+        tokens = backend.count_tokens(prompt)
+        return prompt, continuations, tokens, tokens + max(backend.count_tokens(c) for c in continuations)
+    prompt = backend.render(chat_prompt(task, setting, ex, seed, fit, hits))
+    tokens = backend.count_tokens(prompt)
+    return prompt, [], tokens, tokens + budget
+
 
 def _items(task: Task, setting: Setting, protocol: str, backend: ModelBackend, examples: list[Example],
-           seed: int, budget: int) -> list[Item]:
+           seed: int, budget: int, retrieved: list[list] | None = None) -> list[Item]:
     items, misfits = [], []
     ctx = backend.info.context_length
     fit = _fit(task, backend)
-    for ex in examples:
-        if protocol == "loglikelihood":
-            prompt, continuations = loglikelihood_prompt(task, setting, ex, seed, fit)
-            tokens = backend.count_tokens(prompt)
-            need = tokens + max(backend.count_tokens(c) for c in continuations)
-        else:
-            prompt, continuations = backend.render(chat_prompt(task, setting, ex, seed, fit)), []
-            tokens = backend.count_tokens(prompt)
-            need = tokens + budget
+    for i, ex in enumerate(examples):
+        hits = retrieved[i] if retrieved is not None else None
+        prompt, continuations, tokens, need = _prompt(task, setting, protocol, backend, ex, seed, fit, budget, hits)
         if need > ctx:
             misfits.append((ex, need))
-        items.append(Item(ex, prompt, tokens, continuations, truncated=fit(ex) is not ex))
+        items.append(Item(ex, prompt, tokens, continuations, truncated=fit(ex) is not ex, retrieved=hits))
+    if misfits and retrieved is not None:
+        raise _passages_error(task, setting, protocol, backend, budget, examples, misfits, fit, seed, retrieved)
     if misfits:
         raise _context_error(task, setting, protocol, backend, budget, len(examples), misfits, fit, seed)
     return items
+
+
+def _passages_error(task: Task, setting: Setting, protocol: str, backend: ModelBackend, budget: int,
+                    examples: list[Example], misfits: list[tuple[Example, int]], fit, seed: int,
+                    retrieved: list[list]) -> ModelError:
+    """Passages are never cut or dropped: the error names the largest K at which every example fits."""
+    ctx = backend.info.context_length
+    k_fit = 0
+    for k in range(setting.passages - 1, 0, -1):
+        if all(_prompt(task, setting, protocol, backend, ex, seed, fit, budget, hits[:k])[3] <= ctx
+               for ex, hits in zip(examples, retrieved)):
+            k_fit = k
+            break
+    named = ", ".join(f"'{ex.id}' ({need})" for ex, need in misfits[:_NAMED])
+    more = f", … ({len(misfits) - _NAMED} more)" if len(misfits) > _NAMED else ""
+    fewer = f"rag:{k_fit}" + (f":{setting.retriever}" if setting.name.count(":") == 2 else "")
+    use = f"use {fewer} (the most passages every example fits), " if k_fit else ""
+    return ModelError(
+        f"{len(misfits)} of {len(examples)} examples of task '{task.name}' ({setting.name}) do not fit model "
+        f"'{backend.info.name}' (context {ctx} tokens) with their {setting.passages} passages; tokens needed: "
+        f"{named}{more} (passages are never cut or dropped)",
+        f"{use}smaller passages (`collection: {{max_words: 100}}` on the task), a lower max_new_tokens, or a model "
+        "with a longer context")
 
 
 def _context_error(task: Task, setting: Setting, protocol: str, backend: ModelBackend, budget: int, n: int,
@@ -228,10 +306,17 @@ def check_prices(exp: Experiment, backends: list[ModelBackend]) -> None:
 def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task, setting: Setting,
              test_set: list[Example]) -> RunPlan:
     """One run: every test prompt built, rendered and checked against the model's context."""
+    if setting.deferred:
+        raise ConfigError(f"setting '{setting.name}' is planned once its prompt is compiled (the adapt phase)")
     protocol = protocol_for(task, setting, backend.info.supports_loglikelihood)
     decoding = _decoding(exp, setting)
-    items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens)
-    limit = {"input_limit": [task.max_input_tokens, task.truncate]} if task.max_input_tokens else {}
+    retrieved, retrieval = retrieve(task, setting, test_set) if setting.kind == "rag" else (None, None)
+    items = _items(task, setting, protocol, backend, test_set, exp.seed, decoding.max_new_tokens, retrieved)
+    limit: dict[str, Any] = {"input_limit": [task.max_input_tokens, task.truncate]} if task.max_input_tokens else {}
+    if retrieval:  # the index the passages came from (the prompts hold the passages themselves)
+        limit["retrieval"] = [retrieval["collection"]["hash"], retrieval["retriever"], retrieval["index_version"]]
+    if setting.compiled:
+        limit["compiled"] = setting.compiled
     run_id = sha({**limit,
         "format": PROMPT_FORMAT_VERSION, "parser": ANSWER_PARSER_VERSION, "model": spec.label,
         "fingerprint": backend.info.fingerprint,
@@ -243,4 +328,4 @@ def plan_run(exp: Experiment, spec: ModelSpec, backend: ModelBackend, task: Task
     budget = _output_budget(task, protocol, backend, test_set, decoding.max_new_tokens)
     if budget:
         budget["field"] = "cot_max_new_tokens" if setting.kind == "cot" else "max_new_tokens"
-    return RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed, budget)
+    return RunPlan(run_id, spec, backend, task, setting, protocol, decoding, items, exp.seed, budget, retrieval)

@@ -173,7 +173,7 @@ class Runner:
                 continue
             text = calls.rows[key]["text"]
             prediction = parse_answer(plan.task, it.example, text, cot=plan.setting.kind == "cot")
-            outcomes.append(Outcome(it.example, text, prediction))
+            outcomes.append(Outcome(it.example, text, prediction, retrieved=it.retrieved))
         return outcomes, [[k] for k in calls.keys], [calls.rows[k] for k in dict.fromkeys(calls.keys)
                                                       if k in calls.rows]
 
@@ -209,7 +209,8 @@ class Runner:
         for ks, it in zip(keys, plan.items):
             logprobs = [rows[k]["logprob"] for k in ks]
             best = max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))  # first max, as np.argmax
-            outcomes.append(Outcome(it.example, json.dumps({"logprobs": logprobs}), it.example.choices[best], logprobs))
+            outcomes.append(Outcome(it.example, json.dumps({"logprobs": logprobs}), it.example.choices[best], logprobs,
+                                    retrieved=it.retrieved))
         return outcomes, keys, [rows[k] for k in dict.fromkeys(flat)]
 
     # -- scoring and bookkeeping ---------------------------------------------------------------------------
@@ -243,7 +244,8 @@ class Runner:
         predictions = [
             {"example_id": o.example.id, "prompt": it.prompt, "output": o.output, "prediction": o.prediction,
              "target": o.example.target, "cache_keys": ks, "stats": stats, "error": o.failed,
-             "input": o.example.input}
+             "input": o.example.input,
+             "retrieved": None if it.retrieved is None else [[h.passage_id, h.score] for h in it.retrieved]}
             for o, it, ks, stats in zip(outcomes, plan.items, keys, per_example)
         ]
         return predictions, scores, group_scores

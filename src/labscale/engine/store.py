@@ -20,7 +20,8 @@ from labscale.secrets import redact
 # without it are recognised by their meta table.
 APPLICATION_ID = 0x4C625363
 SCHEMA_VERSION = "4"  # 2: predictions.error, generations.usage_estimated, notices; 3: group_scores;
-# 4: predictions.input, rating_sessions and ratings (human evaluation, labscale rate)
+# 4: predictions.input and .retrieved_json (rag: the [passage id, score] pairs put in the prompt, best first);
+#    rating_sessions and ratings (human evaluation, labscale rate)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,6 +96,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     stats_json TEXT NOT NULL,
     error TEXT,
     input TEXT,
+    retrieved_json TEXT,
     PRIMARY KEY (run_id, example_id)
 );
 CREATE TABLE IF NOT EXISTS notices (
@@ -240,6 +242,8 @@ class Store:
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(predictions)")}
         if "error" not in columns:
             self.conn.execute("ALTER TABLE predictions ADD COLUMN error TEXT")
+        if "retrieved_json" not in columns:
+            self.conn.execute("ALTER TABLE predictions ADD COLUMN retrieved_json TEXT")
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(generations)")}
         if "usage_estimated" not in columns:
             self.conn.execute("ALTER TABLE generations ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0")
@@ -311,10 +315,11 @@ class Store:
                 c.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
             c.executemany(
                 """INSERT INTO predictions(run_id, position, example_id, prompt, output, prediction, target,
-                   cache_keys_json, stats_json, error, input) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+                   cache_keys_json, stats_json, error, input, retrieved_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
                 [
                     (run_id, i, p["example_id"], p["prompt"], p["output"], p["prediction"], p["target"],
-                     _dumps(p["cache_keys"]), _dumps(p["stats"]), redact(p.get("error")), p.get("input"))
+                     _dumps(p["cache_keys"]), _dumps(p["stats"]), redact(p.get("error")), p.get("input"),
+                     None if p.get("retrieved") is None else _dumps(p["retrieved"]))
                     for i, p in enumerate(predictions)
                 ],
             )

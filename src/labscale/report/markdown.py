@@ -152,8 +152,11 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
         lines += table(["task", "setting", "metric", "A − B", "difference", "95% CI", "p"], rows) if rows else [
             "No complete pairs.", ""]
 
+    from labscale.report.compiled import compiled_section
+    from labscale.report.rag import rag_section
     from labscale.report.values import values_section
 
+    lines += rag_section(runs, n_boot, seed) + compiled_section(runs, n_boot, seed)
     lines += values_section(runs)
 
     from labscale.report.human import human_section

@@ -8,7 +8,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Callable, Literal
 
 from labscale.errors import ConfigError, DataError
-from labscale.example import LETTERS, Example
+from labscale.example import LETTERS, Demo, Example
 
 if TYPE_CHECKING:
     from labscale.retrieval.collection import Collection
@@ -55,6 +55,9 @@ class Task:
     # labscale.retrieval.Collection (called on first use, so listing tasks stays cheap), or None. Examples then
     # name their gold passage or document in meta["gold_passage"] when retrieval can be scored.
     collection: Callable[[], "Collection"] | None = field(default=None, repr=False)
+    # Fixed demonstrations every prompt starts with (user/assistant turns; solved blocks for log-likelihood), e.g.
+    # a compiled prompt exported by `labscale export-prompt`; a compiled (optimized) setting replaces them.
+    demos: tuple[Demo, ...] = ()
 
     def __post_init__(self) -> None:
         from labscale.metrics.registry import get_metric  # lazy: metrics import this module
@@ -138,4 +141,5 @@ class Task:
             **({"split_by": "data"} if self.split_by else {}),
             **({"max_input_tokens": self.max_input_tokens, "truncate": self.truncate}
                if self.max_input_tokens else {}),
+            **({"demos": len(self.demos)} if self.demos else {}),
         }

@@ -39,6 +39,7 @@ DEFAULT_METRICS: dict[str, list[str]] = {
     "multiple_choice": ["acc", "acc_norm"],
 }
 ROW_VARIABLE = "row"  # {{ row["column with spaces"] }}
+GOLD_PASSAGE = "gold_passage"  # Example.meta key the retrieval metrics read (metrics/retrieval.py GOLD_KEY)
 
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
@@ -63,6 +64,9 @@ def _compile(spec: TaskSpec) -> tuple[jinja2.Template, set[str]]:
 
 def _check_metrics(spec: TaskSpec) -> tuple[list[str], str]:
     metrics = list(spec.metrics) if spec.metrics is not None else list(DEFAULT_METRICS[spec.type])
+    if spec.metrics is None and spec.collection is not None:  # retrieval metrics (NaN outside rag:K runs)
+        metrics += (["recall_at_k", "mrr"] if spec.gold_passage else []) + \
+            (["faithfulness_overlap"] if spec.type == "generate" else [])
     if not metrics:
         raise ConfigError(f"task '{spec.name}' lists no metrics", f"remove `metrics:` to use the defaults ({', '.join(DEFAULT_METRICS[spec.type])})")
     return metrics, spec.main_metric or metrics[0]  # names and main metric are checked by Task
@@ -185,6 +189,8 @@ def _example(spec: TaskSpec, template: jinja2.Template, labels: tuple[str, ...],
     if not ex_id:
         raise DataError(f"{where} has an empty id in column '{spec.id_column}'", "give every row an id")
     meta = {g: "(missing)" if is_missing(row.get(g)) else _text(row[g]).strip() for g in spec.groups}
+    if spec.gold_passage and not is_missing(row.get(spec.gold_passage)) and _text(row[spec.gold_passage]).strip():
+        meta[GOLD_PASSAGE] = _text(row[spec.gold_passage]).strip()
     return Example(id=ex_id, input=text, target=target, choices=choices, gold=gold, meta=meta)
 
 
@@ -228,7 +234,8 @@ def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
             needed = [("input template", sorted(variables - {ROW_VARIABLE})), ("target", [spec.target])]
             needed += [("id_column", [spec.id_column] if spec.id_column else []), ("choices", choice_columns)]
             needed += [("groups", list(spec.groups)),
-                       ("split_column", [spec.split_column] if spec.split_column else [])]
+                       ("split_column", [spec.split_column] if spec.split_column else []),
+                       ("gold_passage", [spec.gold_passage] if spec.gold_passage else [])]
             for what, names in needed:
                 for col in names:
                     if col not in columns:
