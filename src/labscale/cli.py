@@ -289,7 +289,8 @@ def _distill(values: dict, instructions: Optional[dict], experiment: Optional[Pa
     from labscale.adapt.recipes import parse_set
     from labscale.config import DistillSpec
 
-    values = {**values, "overrides": parse_set(values.pop("set_", None) or []), "method": "distill"}
+    overrides = parse_set(values.pop("set_", None) or [])
+    values = {**values, "overrides": overrides, "method": "distill"}
     if instructions is not None:
         values["instructions"] = {k: v for k, v in instructions.items() if v is not None}
     spec = DistillSpec.from_flags(values, DISTILL_FLAGS)
