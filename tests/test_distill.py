@@ -294,6 +294,27 @@ def _weather(folder: Path, unlabelled: int = 0) -> dict:
             "labels": ["yes", "no"], "id_column": "id", "instruction": "Answer yes or no."}
 
 
+def test_unlabelled_train_rows_are_for_a_teacher_only(tiny_llm, tmp_path):
+    from labscale.adapt.data import build_split
+    from labscale.config import TaskSpec
+    from labscale.errors import DataError
+    from labscale.config import ModelSpec
+    from labscale.models.registry import resolve_model
+    from labscale.settings.setting import check_shots, parse_setting
+    from labscale.tasks.user import task_from_spec
+
+    task = task_from_spec(TaskSpec(**_weather(tmp_path, unlabelled=2)), tmp_path)
+    assert sorted(ex.id for ex in task.split("train") if not ex.target) == ["t0", "t1"]
+    with pytest.raises(DataError, match="has no target to train on"):
+        build_split(resolve_model(ModelSpec(id=f"hf:{tiny_llm}")), task, "train", 0, 512)
+    with pytest.raises(DataError, match="2 of task 'weather''s 8 train examples have no target"):
+        check_shots(task, parse_setting("few-shot:1"))
+    spec = TaskSpec(**_weather(tmp_path))
+    (tmp_path / "test.csv").write_text("id,text,label\nx,Is it hot?,\n")  # only train rows may be unlabelled
+    with pytest.raises(DataError, match="test file 'test.csv', row 0: target '' in column 'label' is not one"):
+        _ = task_from_spec(spec, tmp_path).examples
+
+
 def _api_teacher(server, price=(0.0, 0.0)) -> dict:
     return {"id": "openai:teacher", "base_url": server.url, "api_key_env": None,
             "price": {"input": price[0], "output": price[1]}}

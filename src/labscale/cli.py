@@ -107,6 +107,11 @@ def tasks() -> None:
     console = _table_console()
     console.print(t)
     console.print("Add +names to a task name (e.g. mts-summarization+names) for counterfactual name swaps.")
+    from labscale.taskgroups import TASK_GROUPS
+
+    for group in TASK_GROUPS.values():
+        console.print(f"Task group {group.name}: {', '.join(group.members)} — {group.description}; list it under "
+                      "`tasks:` for its members and a macro-average row.")
 
 
 @app.command()

@@ -49,7 +49,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from labscale.adapt import card as cards
 from labscale.adapt.adaptation import AdaptContext, Adapted
@@ -100,7 +100,7 @@ class Teacher:
                 "parameters": info.parameters, "is_remote": info.is_remote, "price_per_million": price}
 
 
-def resolve_teacher(exp: Experiment | None, teacher: str, backends: list[ModelBackend] = ()) -> Teacher:
+def resolve_teacher(exp: Experiment | None, teacher: str, backends: Sequence[ModelBackend] = ()) -> Teacher:
     """The teacher: the experiment's model named `teacher` (by name or id; its backend reused from `backends`,
     the experiment's resolved models), else the model id `teacher` itself. A missing key is a one-line error."""
     from labscale.models.registry import missing_key, missing_key_error, resolve_model
@@ -517,7 +517,7 @@ class TaskDistillation:
             if reason:
                 dropped[reason] += 1
             gold = has_target(self.task, ex)
-            row = {"id": ex.id, "input": ex.input, "teacher_output": text, "dropped": reason,
+            row: dict[str, Any] = {"id": ex.id, "input": ex.input, "teacher_output": text, "dropped": reason,
                    "target": None if reason else pred,
                    "gold": (ex.target if gold else None)}
             if self.task.type == "multiple_choice":
@@ -609,7 +609,7 @@ def student_spec(exp: Experiment | None, student: str, quantization: str | None)
     return base_model_spec(exp, student, quantization)
 
 
-def distill_adaptations(exp: Experiment, tasks: list[Task], backends: list[ModelBackend] = ()) -> list:
+def distill_adaptations(exp: Experiment, tasks: list[Task], backends: Sequence[ModelBackend] = ()) -> list:
     """One validated adaptation per `method: distill` entry of the experiment (per evaluated task for instruction
     distillation: the same student, trained once); tokenizers and configs only, no weights, no teacher calls."""
     from labscale.config import DistillSpec
@@ -632,6 +632,7 @@ def distill_adaptations(exp: Experiment, tasks: list[Task], backends: list[Model
         else:
             from labscale.adapt.instructions import InstructionDistillation
 
+            assert a.instructions is not None  # DistillSpec: exactly one of task / instructions
             core = InstructionDistillation(label, a, a.instructions, teacher, student, seed, folder, exp.base_dir)
             out += core.evaluated_on(tasks)
     return out
@@ -661,10 +662,11 @@ def run_distillation(spec, exp: Experiment | None = None, db: Path | None = None
     base = exp.base_dir if exp is not None else Path(".")
     folder = None if spec.out is None else (base / spec.out).resolve()
     label = spec.name or student.label
+    adaptation: Any
     if spec.task is not None:
         entry = next((t for t in (exp.task_entries() if exp else []) if (t if isinstance(t, str) else t.name)
                       == spec.task), spec.task)
-        task = get_task(entry, base, exp.tasks if exp else (), exp.task_options(spec.task) if exp else None)
+        task = get_task(entry, base, exp.tasks if exp else [], exp.task_options(spec.task) if exp else None)
         setting = parse_setting(spec.prompt_setting)
         decoding = decoding_of(exp, setting) if exp is not None else DecodingParams(
             max_new_tokens=256 if setting.kind == "cot" else 64, seed=seed)
@@ -675,6 +677,7 @@ def run_distillation(spec, exp: Experiment | None = None, db: Path | None = None
     else:
         from labscale.adapt.instructions import InstructionDistillation
 
+        assert spec.instructions is not None
         adaptation = InstructionDistillation(label, spec, spec.instructions, teacher, student, seed, folder, base)
     say(adaptation.estimate())
     created = not db.exists()

@@ -428,7 +428,7 @@ class InstructionDistillation:
         from labscale.engine.cache import generation_key
 
         fp, params = self.teacher.backend.info.fingerprint, self.resp_decoding.key()
-        counters = Counter()
+        counters: Counter[str] = Counter()
         for pair, text in zip(pairs, labelled.texts):
             response = (text or "").strip()
             if not response:
