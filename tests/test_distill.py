@@ -423,6 +423,18 @@ def test_the_budget_refuses_before_any_teacher_call(tiny_llm, tmp_path, capsys, 
     assert not (tmp_path / "runs" / "b.db").exists() and not (tmp_path / "runs" / "distilled").exists()
 
 
+def test_an_api_teacher_without_a_price_is_refused(tiny_llm, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with FaultServer() as server:
+        exp = write_experiment(tmp_path / "p.yaml", name="p", tasks=[_weather(tmp_path)], models=[
+            f"hf:{tiny_llm}", {"id": "openai:some-new-model", "base_url": server.url, "api_key_env": None}])
+        code, _, err = cli(capsys, monkeypatch, "distill", "task", "--teacher", "openai:some-new-model",
+                           "--student", f"hf:{tiny_llm}", "--task", "weather", "--experiment", exp)
+        assert server.total == 0
+    assert code == 2 and "no price is known for the distillation teacher 'openai:some-new-model'" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_cap_stops_labelling_midway(tiny_llm, tmp_path, monkeypatch):
     from labscale.adapt.adaptation import AdaptContext
     from labscale.adapt.budget import BudgetExceeded

@@ -102,7 +102,11 @@ def test_a_distillation_killed_while_labelling_repeats_no_teacher_call(teacher_i
     args = [sys.executable, "-m", "labscale", "distill", "task", "--teacher", TEACHER, "--student", STUDENT,
             "--task", "yesno", "--experiment", str(exp), "--db", str(db), "--max-new-tokens", "24",
             "--data-only"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    import labscale
+
+    here = str(Path(labscale.__file__).resolve().parents[1])  # the subprocess imports this very labscale
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
 
     def rows() -> int:
         if not db.exists():

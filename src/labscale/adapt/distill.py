@@ -116,7 +116,19 @@ def resolve_teacher(exp: Experiment | None, teacher: str, backends: Sequence[Mod
     if var is not None:
         err = missing_key_error(spec, var)
         raise ModelError(f"distillation teacher: {err.message}", err.hint)
+    from labscale.secrets import register_env
+
+    register_env(spec.api_key_env)  # its key never reaches an error text, the database or a card
     return Teacher(spec, resolve_model(spec))
+
+
+def check_teacher_price(teacher: Teacher) -> None:
+    """The budget covers the teacher's API cost, so an API teacher needs a price (0 for a local server)."""
+    info = teacher.backend.info
+    if info.is_remote and info.price is None:
+        raise ConfigError(f"no price is known for the distillation teacher '{info.name}', so its API cost cannot "
+                          "be held to the budget", "add price: {input: <$ per 1M tokens>, output: <$ per 1M>} to "
+                          "its model entry (0 for a local server)")
 
 
 # ----------------------------------------------------------------------------------- labelling through the cache
@@ -369,6 +381,7 @@ class TaskDistillation:
         self.label, self.spec, self.teacher, self.student, self.task = label, spec, teacher, student, task
         self.setting, self.decoding, self.seed = setting, decoding, seed
         self.rationales, self.alpha, self.n_boot = rationales, alpha, n_boot
+        check_teacher_price(teacher)
         check_shots(task, setting)  # multiple choice: the teacher answers by letter (generation, via the cache)
         try:
             self.train = task.split("train", spec.train_limit)

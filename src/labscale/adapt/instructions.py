@@ -54,6 +54,7 @@ from labscale.adapt.distill import (
     ask_teacher,
     check_estimate,
     check_folder,
+    check_teacher_price,
     finished_student,
     identity_fields,
     ledger_name,
@@ -279,6 +280,7 @@ class InstructionDistillation:
                  seed: int, out: Path | None = None, base_dir: Path = Path(".")):
         self.label, self.spec, self.ispec, self.teacher, self.student, self.seed = label, spec, ispec, teacher, \
             student, seed
+        check_teacher_price(teacher)
         self.seeds, self.seeds_source = read_lines(ispec.seeds, base_dir, PACKAGED_SEEDS, "seeds")
         self.topics, self.topics_source = read_lines(ispec.topics, base_dir, PACKAGED_TOPICS, "topics")
         if ispec.topic_share == 0:
