@@ -468,8 +468,10 @@ class Experiment(_Strict):
         for t in self.tasks:
             group = TASK_GROUPS.get(task_name(t)) if not isinstance(t, TaskSpec) else None
             out += list(group.members) if group else [t]
-        seen: set[str] = set()
-        return [t for t in out if not (task_name(t) in seen or seen.add(task_name(t)))]
+        unique: dict[str, Union[str, TaskRef, TaskSpec]] = {}
+        for t in out:
+            unique.setdefault(task_name(t), t)
+        return list(unique.values())
 
     def _check_task_options(self) -> None:
         for t in self.tasks:
