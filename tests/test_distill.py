@@ -470,8 +470,12 @@ def test_instructions_are_parsed_from_example_tags():
     text = ("Here you go:\n<example>1. Write a limerick about a cat.</example>\n<example>Instruction: What is the "
             "boiling point of water at sea level?</example><example>- Name three   primary colours.\n"
             "<example>Describe a sunset")
-    assert parse_instructions(text) == ["Write a limerick about a cat.", "What is the boiling point of water at "
-                                        "sea level?", "Name three primary colours.", "Describe a sunset"]
+    expected = ["Write a limerick about a cat.", "What is the boiling point of water at sea level?",
+                "Name three primary colours.", "Describe a sunset"]
+    assert parse_instructions(text) == (expected, 0)
+    # cut by max_new_tokens: the last example, still open, is cut off too
+    assert parse_instructions(text, finished=False) == (expected[:3], 1)
+    assert parse_instructions(text + "</example>", finished=False) == (expected, 0)
 
 
 def test_the_filters_and_their_reasons():

@@ -140,21 +140,21 @@ def test_real_instruction_generation_keeps_no_near_duplicates(teacher_installed,
     from labscale.adapt.instructions import filter_instructions, rouge_l
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "seeds.txt").write_text("Give three tips for staying focused while studying.\n"
-                                        "Explain why the moon has phases.\nWrite a two-line poem about rain.\n")
     code, out, err = cli(capsys, monkeypatch, "distill", "instructions", "--teacher", TEACHER, "--student", STUDENT,
-                         "--seeds", "seeds.txt", "--count", "3", "--per-prompt", "4", "--topic-share", "0",
-                         "--generation-tokens", "120", "--response-tokens", "16", "--no-seeds", "--data-only")
+                         "--count", "2", "--per-prompt", "3", "--topic-share", "0",
+                         "--generation-tokens", "80", "--response-tokens", "12", "--no-seeds", "--data-only")
     assert code == 0, err
     folder = Path(out.splitlines()[-1].removeprefix("dataset: ")).parent
     card = json.loads((folder / "dataset.json").read_text())
     rows = _jsonl(folder / "data.jsonl")
     g = card["generation"]
-    assert g["generated"] == g["kept"] + sum(g["filtered"].values()) and g["kept"] <= 3
+    assert g["generated"] == g["kept"] + sum(g["filtered"].values()) and g["kept"] <= 2
     assert {r["instruction_source"] for r in rows} <= {"example-guided"} and all(r["response"] for r in rows)
     scorer = RougeScorer(["rougeL"], use_stemmer=False)
     kept = [r["instruction"] for r in rows]
-    seeds = (tmp_path / "seeds.txt").read_text().splitlines()
+    from labscale.adapt.instructions import read_lines
+
+    seeds = read_lines(None, tmp_path, "distill_seeds.txt", "seeds")[0]  # the packaged seeds
     for i, a in enumerate(kept):
         assert all(rouge_l(scorer, b, a) <= 0.7 for b in kept[:i] + seeds)
     assert kept, err  # Qwen writes instructions in the <example> format

@@ -10,7 +10,8 @@ fine-tuned on it. `method: distill` with `instructions:` in an experiment, or `l
 2. Filters (self-instruct, Wang et al. 2023; Alpaca): an instruction of ≤ 3 or > 150 words, one with a keyword
    of the blacklist (things a text model cannot do: image, graph, file, draw, plot, …), one that does not start
    with a letter or digit, an exact duplicate, and a near duplicate — ROUGE-L F1 > 0.7 (rouge-score, no
-   stemming) against any kept or seed instruction — are rejected; every reason is counted.
+   stemming) against any kept or seed instruction — are rejected, and so is a last example cut off by
+   max_new_tokens (no closing tag); every reason is counted.
 3. Responses. The teacher answers every kept instruction (and, with `include_seeds`, every seed) with LaMini's
    request to respond as concisely as possible (a system turn), greedy; empty responses are dropped and counted.
 4. The dataset: `data.jsonl` (id, instruction, response, instruction_source = example-guided | topic-guided |
@@ -69,6 +70,7 @@ from labscale.adapt.finetune import plan_training
 from labscale.atomic import write_atomic
 from labscale.config import FinetuneSpec, InstructionsSpec, ModelSpec
 from labscale.efficiency.cost import SpendingCap, cost_usd
+from labscale.engine.cache import generation_key
 from labscale.errors import DataError, ModelError
 from labscale.example import Example
 from labscale.hashing import sha
@@ -164,14 +166,20 @@ _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s*")
 _LABEL = re.compile(r"^\s*(?:instruction|example|question)\s*\d*\s*:\s*", re.IGNORECASE)
 
 
-def parse_instructions(text: str) -> list[str]:
-    """The instructions of a generation output: the text of each `<example>` tag (a missing closing tag ends at the
-    next tag or the end), without numbering or an `Instruction:` label, whitespace collapsed."""
+def parse_instructions(text: str, finished: bool = True) -> tuple[list[str], int]:
+    """(instructions, unfinished) of a generation output: the text of each `<example>` tag (a missing closing tag
+    ends at the next tag or the end), without numbering or an `Instruction:` label, whitespace collapsed. When the
+    output was cut by max_new_tokens (`finished` False), a last example without its closing tag is cut off too:
+    it is dropped and counted as unfinished (0 or 1)."""
+    matches = list(_EXAMPLE.finditer(text))
+    unfinished = 0
+    if not finished and matches and not re.match(r"\s*</example>", text[matches[-1].end():], re.IGNORECASE):
+        matches, unfinished = matches[:-1], 1
     out = []
-    for m in _EXAMPLE.finditer(text):
+    for m in matches:
         s = _LABEL.sub("", _NUMBERING.sub("", m.group(1).strip()))
         out.append(" ".join(s.split()))
-    return out
+    return out, unfinished
 
 
 def rouge_l(scorer, a: str, b: str) -> float:
@@ -411,9 +419,14 @@ class InstructionDistillation:
                                  f"generation round {r + 1}")
             rows_used += labelled.rows
             new, cached, wall = new + labelled.counts.new, cached + labelled.counts.cached, wall + labelled.wall_s
-            for k, (text, (_, _, source, examples, topics)) in enumerate(zip(labelled.texts, prompts)):
-                candidates = parse_instructions(text or "")
-                generated += len(candidates)
+            finish = {row["key"]: row["finish_reason"] for row in labelled.rows}
+            keys = [generation_key(self.teacher.backend.info.fingerprint, p, self.gen_decoding.key())
+                    for p, *_ in prompts]
+            for k, (text, key, (_, _, source, examples, topics)) in enumerate(zip(labelled.texts, keys, prompts)):
+                candidates, unfinished = parse_instructions(text or "", finished=finish.get(key) != "length")
+                if unfinished:
+                    reasons["unfinished"] += unfinished
+                generated += len(candidates) + unfinished
                 for i in filter_instructions(candidates, kept, self.seeds, ispec.count, reasons, scorer):
                     origin.append({"instruction_source": source, "topics": topics or None,
                                    "generation_prompt": r * self.round_size + k, "instruction": candidates[i]})
@@ -427,8 +440,6 @@ class InstructionDistillation:
         new, cached, wall = new + labelled.counts.new, cached + labelled.counts.cached, wall + labelled.wall_s
         rows, empty, truncated = [], 0, 0
         finish = {row["key"]: row["finish_reason"] for row in labelled.rows}
-        from labscale.engine.cache import generation_key
-
         fp, params = self.teacher.backend.info.fingerprint, self.resp_decoding.key()
         counters: Counter[str] = Counter()
         for pair, text in zip(pairs, labelled.texts):
