@@ -30,7 +30,8 @@ def builtin():
 
 def test_registry_lists_the_builtin_tasks():
     assert [t.name for t in list_tasks()] == ["mts-summarization", "fact-check", "openbookqa", "entity-resolution",
-                                              "bbq", "crows-pairs", "abstention-qa", "rag-qa"]
+                                              "bbq", "crows-pairs", "abstention-qa", "rag-qa", "piqa", "siqa",
+                                              "commonsenseqa", "boolq"]
     for task in list_tasks():
         assert "examples" not in task.__dict__  # data is loaded lazily
 

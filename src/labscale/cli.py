@@ -198,6 +198,11 @@ def tasks() -> None:
     console = _table_console()
     console.print(t)
     console.print("Add +names to a task name (e.g. mts-summarization+names) for counterfactual name swaps.")
+    from labscale.taskgroups import TASK_GROUPS
+
+    for group in TASK_GROUPS.values():
+        console.print(f"Task group {group.name}: {', '.join(group.members)} — {group.description}; list it under "
+                      "`tasks:` for its members and a macro-average row.")
 
 
 @app.command()
@@ -367,6 +372,134 @@ def recipes() -> None:
     typer.echo("Size classes: tiny < 0.6B ≤ small < 4B ≤ 7b < 10B ≤ 13b. Task: generate, or short (classify, "
                "multiple choice). `--recipe auto` picks the matching row with the fewest `*`; override any field "
                "with --set FIELD=VALUE.")
+
+
+distill_app = typer.Typer(no_args_is_help=True, help="Distil a teacher into a small student: on a task's train "
+                          "inputs, or LaMini-style on generated instructions (see docs/distill.md).")
+app.add_typer(distill_app, name="distill")
+
+# `labscale distill` spells config.DistillSpec's fields (FinetuneSpec's and its own) as flags; checks live there.
+DISTILL_FLAGS = {**FINETUNE_FLAGS, "teacher_setting": "--teacher-setting"}
+
+
+def _distill(values: dict, instructions: Optional[dict], experiment: Optional[Path], db: Optional[Path],
+             max_new_tokens: Optional[int] = None, data_only: bool = False) -> None:
+    from labscale.adapt.distill import run_distillation
+    from labscale.adapt.recipes import parse_set
+    from labscale.config import DistillSpec
+
+    overrides = parse_set(values.pop("set_", None) or [])
+    values = {**values, "overrides": overrides, "method": "distill"}
+    if instructions is not None:
+        values["instructions"] = {k: v for k, v in instructions.items() if v is not None}
+    spec = DistillSpec.from_flags(values, DISTILL_FLAGS)
+    exp = None
+    if experiment is not None:
+        from labscale.config import load_experiment
+
+        exp = load_experiment(experiment)
+    result = run_distillation(spec, exp, db, say=lambda m: typer.echo(m, err=True), max_new_tokens=max_new_tokens,
+                              data_only=data_only)
+    if data_only:
+        typer.echo(f"dataset: {Path(result['folder']) / 'data.jsonl'}")
+        return
+    folder = Path(result.card["distillation"]["folder"])
+    typer.echo(f"dataset: {folder / 'data.jsonl'}")
+    typer.echo(f"student: {result.spec.id}")
+
+
+@distill_app.command("task")
+def distill_task(
+    teacher: str = typer.Option(..., "--teacher", help="any model id (openai:, hf:, embedded:, adapter:), or a "
+                                "model of --experiment"),
+    student: str = typer.Option(..., "--student", help="embedded:<name> or hf:<hub id or local path>"),
+    task: str = typer.Option(..., "--task", help="a builtin task, or one defined in --experiment"),
+    teacher_setting: Optional[str] = typer.Option(None, "--teacher-setting", help="zero-shot (default) | "
+                                                  "few-shot:K | cot (the default with --rationales)"),
+    rationales: bool = typer.Option(False, "--rationales", help="distilling step-by-step: the teacher's cot "
+                                    "rationale is a second (explain) training prompt"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="with --rationales: loss = α·predict + "
+                                          "(1 − α)·explain (default 0.5)"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="label the first N train inputs only"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="the teacher's output budget "
+                                                 "(default 64; 256 with cot; or --experiment's generation)"),
+    data_only: bool = typer.Option(False, "--data-only", help="stop after the teacher's dataset"),
+    db: Optional[Path] = typer.Option(None, "--db", help="the generation cache (default runs/distill.db)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the data and the student (default "
+                                       "runs/distilled/<identity>)"),
+    experiment: Optional[Path] = typer.Option(None, help="look --teacher, --student and --task up in this "
+                                              "experiment file too (its decoding and seed apply)"),
+    name: Optional[str] = typer.Option(None, "--name", help="the student's name in its card"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit: the student's base"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (default) or a recipe name"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE"),
+    seed: Optional[int] = typer.Option(None, help="seed (default 0, or --experiment's)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap for teacher and student together "
+                                           "(default 25)"),
+    co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap of the student's training"),
+    hardware: Optional[str] = typer.Option(None, help="auto | cpu | t4 | a100"),
+    price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour"),
+    country: Optional[str] = typer.Option(None, help="ISO alpha-3 code for the carbon intensity (default USA)"),
+    log: Optional[str] = typer.Option(None, "--log", help="none | wandb | mlflow"),
+) -> None:
+    """Task distillation: the teacher answers a task's train inputs; the student is fine-tuned on its answers."""
+    _distill({"teacher": teacher, "student": student, "task": task, "teacher_setting": teacher_setting,
+              "rationales": rationales, "alpha": alpha, "train_limit": train_limit, "name": name,
+              "out": None if out is None else str(out.resolve()), "quantization": quant,
+              "recipe": recipe, "max_steps": max_steps, "set_": set_, "seed": seed, "budget_usd": budget, "co2_cap_kg": co2_cap,
+              "hardware": hardware, "price_per_hour": price_per_hour, "country": country, "log": log},
+             None, experiment, db, max_new_tokens, data_only)
+
+
+@distill_app.command("instructions")
+def distill_instructions(
+    teacher: str = typer.Option(..., "--teacher", help="any model id, or a model of --experiment"),
+    student: str = typer.Option(..., "--student", help="embedded:<name> or hf:<hub id or local path>"),
+    seeds: Optional[Path] = typer.Option(None, "--seeds", help="seed instructions: .txt one per line, or .jsonl "
+                                         "with `instruction` (default: the packaged set)"),
+    topics: Optional[Path] = typer.Option(None, "--topics", help="topics, one per line (default: the packaged "
+                                          "list)"),
+    count: Optional[int] = typer.Option(None, "--count", help="generated instructions to keep (default 100)"),
+    per_prompt: Optional[int] = typer.Option(None, "--per-prompt", help="instructions asked per prompt (default "
+                                             "20)"),
+    topic_share: Optional[float] = typer.Option(None, "--topic-share", help="share of topic-guided prompts "
+                                                "(default 0.5)"),
+    no_seeds: bool = typer.Option(False, "--no-seeds", help="do not train on the seed instructions themselves"),
+    generation_tokens: Optional[int] = typer.Option(None, "--generation-tokens", help="max_new_tokens of a "
+                                                    "generation prompt (default 768)"),
+    response_tokens: Optional[int] = typer.Option(None, "--response-tokens", help="max_new_tokens of a response "
+                                                  "(default 256)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="of generation prompts (default 0)"),
+    data_only: bool = typer.Option(False, "--data-only", help="stop after the dataset (e.g. to rate it)"),
+    db: Optional[Path] = typer.Option(None, "--db", help="the generation cache (default runs/distill.db)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the data and the student"),
+    experiment: Optional[Path] = typer.Option(None, help="look --teacher and --student up in this experiment file"),
+    name: Optional[str] = typer.Option(None, "--name", help="the student's name in its card"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit: the student's base"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (default) or a recipe name"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE"),
+    seed: Optional[int] = typer.Option(None, help="seed (default 0, or --experiment's)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap for teacher and student together "
+                                           "(default 25)"),
+    co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap of the student's training"),
+    hardware: Optional[str] = typer.Option(None, help="auto | cpu | t4 | a100"),
+    price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour"),
+    country: Optional[str] = typer.Option(None, help="ISO alpha-3 code for the carbon intensity (default USA)"),
+    log: Optional[str] = typer.Option(None, "--log", help="none | wandb | mlflow"),
+) -> None:
+    """Instruction distillation (LaMini): the teacher writes instructions and responses; the student learns them."""
+    _distill({"teacher": teacher, "student": student, "name": name,
+              "out": None if out is None else str(out.resolve()),
+              "quantization": quant, "recipe": recipe, "max_steps": max_steps, "set_": set_, "seed": seed,
+              "budget_usd": budget, "co2_cap_kg": co2_cap, "hardware": hardware, "price_per_hour": price_per_hour,
+              "country": country, "log": log},
+             {"seeds": None if seeds is None else str(seeds.resolve()),
+              "topics": None if topics is None else str(topics.resolve()),
+              "count": count, "per_prompt": per_prompt, "topic_share": topic_share,
+              "include_seeds": False if no_seeds else None, "generation_tokens": generation_tokens,
+              "response_tokens": response_tokens, "temperature": temperature}, experiment, db, None, data_only)
 
 
 def _click_errors() -> tuple[type, type]:

@@ -11,6 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from labscale.errors import ConfigError, did_you_mean
+from labscale.taskgroups import TASK_GROUPS
 
 
 class _Strict(BaseModel):
@@ -222,8 +223,8 @@ TaskEntry = Annotated[
     Discriminator(_task_kind, custom_error_type="task_entry",
                   custom_error_message="a task entry should be a task name or a mapping with `name:`"),
 ]
-_TAGS = {"task-name": str, "task-builtin": TaskRef, "task-spec": TaskSpec, "data-path": str,
-         "data-splits": DataSplits}
+_TAGS: dict[str, Any] = {"task-name": str, "task-builtin": TaskRef, "task-spec": TaskSpec, "data-path": str,
+                         "data-splits": DataSplits}
 
 
 def task_name(entry: Union[str, TaskRef, TaskSpec]) -> str:
@@ -293,6 +294,9 @@ class FinetuneSpec(_Strict):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED,
                                 description="LoRA initialisation, dropout and data order (default: the "
                                             "experiment's seed; 0 for `labscale finetune`)")
+    train_limit: Optional[int] = Field(None, ge=1, description="train on the first N examples of the task's seeded "
+                                       "train split only (default: all) — quick runs, learning curves",
+                                       json_schema_extra=_says("is not a positive count", example="64"))
     budget_usd: float = Field(25.0, gt=0, description="refuse / stop before the training would cost more",
                               json_schema_extra=_says(message="the budget must be a positive number of dollars",
                                                       example="25"))
@@ -336,6 +340,7 @@ class AdaptationSpec(FinetuneSpec):
     """A fine-tuning declared in the experiment: `model` is trained on `task` (LoRA / QLoRA, see docs/finetune.md)
     and evaluated under the `finetuned` setting. An identical earlier adapter is reused."""
 
+    method: Literal["finetune"] = Field("finetune", description="finetune (the default) | distill")
     model: str = Field(description="a model of this experiment (its name or id), or embedded:/hf: id")
     task: str = Field(description="a task of this experiment")
     name: Optional[str] = Field(None, description="the fine-tuned model's column in reports (default: the model's)")
@@ -373,6 +378,110 @@ class OptimizeSpec(_Strict):
     country: str = Field("USA", description="ISO 3166 alpha-3 code for the grid carbon intensity (CodeCarbon)")
 
 
+TEACHER_SETTING = r"^(zero-shot|cot|few-shot:[1-9][0-9]*)$"
+
+
+class InstructionsSpec(_Strict):
+    """LaMini-style instruction distillation (docs/distill.md): the teacher writes new instructions from seed
+    examples (and topics), the filters drop short / long / unanswerable / near-duplicate ones, the teacher responds
+    to each, and the student is fine-tuned on the pairs."""
+
+    seeds: Optional[str] = Field(None, description="file of seed instructions: .txt (one per line) or .jsonl/.json "
+                                 "with an `instruction` field (default: labscale's packaged seed set)")
+    topics: Optional[str] = Field(None, description="file of topics, one per line (default: the packaged list)")
+    count: int = Field(100, ge=1, le=1_000_000, description="generated instructions to keep (seeds not counted)",
+                       json_schema_extra=_says("is not a positive count", example="100"))
+    per_prompt: int = Field(20, ge=1, le=100, description="new instructions asked for in each generation prompt "
+                            "(LaMini: 20)", json_schema_extra=_says("is out of range", hint="use 1 to 100"))
+    topic_share: float = Field(0.5, ge=0, le=1, description="share of generation prompts that are topic-guided",
+                               json_schema_extra=_says("is not between 0 and 1", example="0.5"))
+    include_seeds: bool = Field(True, description="the seed instructions (with teacher responses) join the data")
+    generation_tokens: int = Field(768, ge=16, le=MAX_TOKENS, description="max_new_tokens of a generation prompt",
+                                   json_schema_extra=_says("is out of range", example="768"))
+    response_tokens: int = Field(256, ge=1, le=MAX_TOKENS, description="max_new_tokens of a teacher response",
+                                 json_schema_extra=_says("is out of range", example="256"))
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="teacher sampling temperature for generation "
+                               "prompts (responses are greedy)",
+                               json_schema_extra=_says("is out of range", hint="use 0 (greedy) to 2"))
+    dev_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of pairs held out as the dev split (early "
+                                "stopping)", json_schema_extra=_says("is out of range", hint="use e.g. 0.1"))
+
+
+class DistillSpec(FinetuneSpec):
+    """A distillation declared in the experiment (`method: distill`, docs/distill.md): `teacher` labels `task`'s
+    train inputs (task distillation) or writes an instruction dataset (`instructions:`), and `student` is fine-tuned
+    on the teacher's outputs; the student is evaluated under the `distilled` setting — on `task`, or on every task
+    of the experiment after instruction distillation. Training options are FinetuneSpec's; `budget_usd` covers the
+    teacher's cost and the student's training together."""
+
+    method: Literal["distill"]
+    teacher: str = Field(description="a model of this experiment (its name or id), or any model id")
+    student: str = Field(description="the model to train: a model of this experiment, or an embedded:/hf: id")
+    task: Optional[str] = Field(None, description="task distillation: a task of this experiment")
+    instructions: Optional[InstructionsSpec] = Field(None, description="instruction distillation (LaMini)")
+    teacher_setting: Optional[str] = Field(None, pattern=TEACHER_SETTING,
+                                           description="the teacher's prompt: zero-shot (default), few-shot:K or "
+                                                       "cot (the default with rationales)")
+    rationales: bool = Field(False, description="distilling step-by-step: the teacher's cot rationale becomes a "
+                             "second training prompt (explain) beside the label (predict)")
+    alpha: float = Field(0.5, gt=0, lt=1, description="with rationales: loss = α·predict + (1 − α)·explain",
+                         json_schema_extra=_says("is not between 0 and 1", example="0.5"))
+    name: Optional[str] = Field(None, description="the distilled model's column in reports (default: the student's)")
+    out: Optional[str] = Field(None, description="folder for the data and the student (default: "
+                               "runs/distilled/<identity>)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _student_not_model(cls, data):
+        if isinstance(data, dict) and "model" in data and "student" not in data:
+            raise ValueError("a distillation names the model it trains `student:` (and its teacher `teacher:`), "
+                             "not `model:`")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.task is None) == (self.instructions is None):
+            raise ValueError("a distillation takes `task:` (task distillation) or `instructions:` (instruction "
+                             "distillation), exactly one")
+        if self.instructions is not None and (self.rationales or self.teacher_setting):
+            raise ValueError("`rationales` and `teacher_setting` apply to task distillation (`task:`) only")
+        if "alpha" in self.model_fields_set and not self.rationales:
+            raise ValueError("`alpha` weighs the rationale loss: set `rationales: true`, or remove it")
+        if self.rationales and self.teacher_setting not in (None, "cot"):
+            raise ValueError("rationales come from the teacher's cot answers: use teacher_setting: cot (or leave it "
+                             "out)")
+        if self.instructions is not None and self.train_limit is not None:
+            raise ValueError("`train_limit` limits the train inputs of task distillation; with `instructions:` use "
+                             "`instructions.count`")
+        if self.rationales and self.dp is not None:
+            raise ValueError("rationale training does not support `dp`; drop one of them")
+        return self
+
+    @property
+    def prompt_setting(self) -> str:
+        return self.teacher_setting or ("cot" if self.rationales else "zero-shot")
+
+
+def _adaptation_kind(v: Any) -> Optional[str]:
+    if isinstance(v, (AdaptationSpec, DistillSpec)):
+        return v.method
+    if isinstance(v, dict):
+        method = v.get("method", "finetune")
+        return method if method in ("finetune", "distill") else None
+    return None
+
+
+AdaptationEntry = Annotated[
+    Union[Annotated[AdaptationSpec, Tag("finetune")], Annotated[DistillSpec, Tag("distill")]],
+    Discriminator(_adaptation_kind, custom_error_type="adaptation_method",
+                  custom_error_message="an adaptation is a mapping whose `method` is finetune (the default) or "
+                                       "distill"),
+]
+_TAGS_ADAPT = {"finetune": AdaptationSpec, "distill": DistillSpec}
+# Adaptation fields added after files with adaptations existed: they hash only when set (see config_hash).
+_LATER_ADAPTATION_FIELDS = ("method", "train_limit")
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[ModelSpec] = Field(min_length=1)
@@ -386,7 +495,8 @@ class Experiment(_Strict):
     cost_limit: Optional[float] = Field(
         None, gt=0, description="US dollars: API requests stop before this experiment's API cost would exceed it"
     )
-    adaptations: list[AdaptationSpec] = Field([], description="fine-tunings, evaluated as the finetuned setting")
+    adaptations: list[AdaptationEntry] = Field([], description="fine-tunings (evaluated as the finetuned "
+                                               "setting) and distillations (the distilled setting)")
     reference: Optional[str] = Field(
         None, description="the model every other run is compared with for the report's verdicts (a model's name as "
         "the report shows it); default: the best run of each task")
@@ -423,7 +533,8 @@ class Experiment(_Strict):
         labels = [m.label for m in self.models]
         by_key = {m.label: m.label for m in self.models} | {m.id: m.label for m in self.models}
         for a in self.adaptations:
-            labels.append(a.name or by_key.get(a.model, a.model))
+            trained = a.model if isinstance(a, AdaptationSpec) else a.student
+            labels.append(a.name or by_key.get(trained, trained))
         return list(dict.fromkeys(labels))
 
     def margin_for(self, task: str) -> float:
@@ -451,12 +562,27 @@ class Experiment(_Strict):
                                  "as good enough, in the task's main-metric units (e.g. 0.02)")
 
     def task_options(self, name: str) -> TaskOptions:
-        """The options of task `name`: its entry's own fields over `task_defaults`."""
-        entry = next((t for t in self.tasks if task_name(t) == name), None)
-        own = {} if entry is None or isinstance(entry, str) else \
-            {k: getattr(entry, k) for k in TASK_OPTIONS if k in entry.model_fields_set}
+        """The options of task `name`: its entry's own fields over its group entry's (taskgroups.py) over
+        `task_defaults`."""
         defaults = {k: getattr(self.task_defaults, k) for k in self.task_defaults.model_fields_set}
-        return TaskOptions(**{**defaults, **own})
+        layers = [defaults]
+        for entry in (next((t for t in self.tasks if task_name(t) in TASK_GROUPS
+                            and name in TASK_GROUPS[task_name(t)].members), None),
+                      next((t for t in self.tasks if task_name(t) == name), None)):
+            if entry is not None and not isinstance(entry, str):
+                layers.append({k: getattr(entry, k) for k in TASK_OPTIONS if k in entry.model_fields_set})
+        return TaskOptions(**{k: v for layer in layers for k, v in layer.items()})
+
+    def task_entries(self) -> list[Union[str, TaskRef, TaskSpec]]:
+        """The `tasks:` entries with every task group (taskgroups.py) replaced by its member tasks, each task once."""
+        out: list[Union[str, TaskRef, TaskSpec]] = []
+        for t in self.tasks:
+            group = TASK_GROUPS.get(task_name(t)) if not isinstance(t, TaskSpec) else None
+            out += list(group.members) if group else [t]
+        unique: dict[str, Union[str, TaskRef, TaskSpec]] = {}
+        for t in out:
+            unique.setdefault(task_name(t), t)
+        return list(unique.values())
 
     def _check_task_options(self) -> None:
         for t in self.tasks:
@@ -468,20 +594,30 @@ class Experiment(_Strict):
             raise ValueError("task_defaults sets `truncate` but no task has `max_input_tokens`, so nothing is cut")
 
     def _check_adaptations(self) -> None:
-        tasks = [task_name(t) for t in self.tasks]
+        tasks = [task_name(t) for t in self.task_entries()]
         models = {m.label: m for m in self.models} | {m.id: m for m in self.models}
         seen = set()
         for a in self.adaptations:
-            if a.task not in tasks:
+            if a.task is not None and a.task not in tasks:
                 raise ValueError(f"adaptation task '{a.task}' is not one of this experiment's tasks")
-            spec = models.get(a.model)
-            if spec is None and a.model.partition(":")[0] not in ("embedded", "hf"):
-                raise ValueError(f"adaptation model '{a.model}' is neither a model of this experiment nor an "
+            trained = a.model if isinstance(a, AdaptationSpec) else a.student
+            role = "model" if isinstance(a, AdaptationSpec) else "distillation student"
+            spec = models.get(trained)
+            if spec is None and trained.partition(":")[0] not in ("embedded", "hf"):
+                raise ValueError(f"adaptation {role} '{trained}' is neither a model of this experiment nor an "
                                  "embedded:/hf: id")
-            label = a.name or (spec.label if spec else a.model)
-            if (label, a.task) in seen:
-                raise ValueError(f"two adaptations of '{label}' on task '{a.task}'; give one a `name`")
-            seen.add((label, a.task))
+            if isinstance(a, DistillSpec) and spec is not None and spec.id.partition(":")[0] not in ("embedded", "hf"):
+                raise ValueError(f"distillation student '{trained}' ({spec.id}) cannot be trained: the student must "
+                                 "be a local model (embedded:<name> or hf:<id or folder>)")
+            if isinstance(a, DistillSpec) and a.teacher not in models and ":" not in a.teacher:
+                raise ValueError(f"distillation teacher '{a.teacher}' is neither a model of this experiment nor a "
+                                 "model id (embedded:, hf:, adapter:, openai:)")
+            label = a.name or (spec.label if spec else trained)
+            key = (label, a.task or "instructions", a.method)
+            if key in seen:
+                what = f"task '{a.task}'" if a.task else "instructions"
+                raise ValueError(f"two {a.method} adaptations of '{label}' on {what}; give one a `name`")
+            seen.add(key)
 
     def config_hash(self) -> str:
         """Hash of everything that determines results (not the display-only base_dir). Fields added later hash
@@ -499,11 +635,17 @@ class Experiment(_Strict):
                 for key in later:
                     if isinstance(entry, str) or key not in entry.model_fields_set:
                         dumped.pop(key, None)
+        for adaptation, dumped in zip(self.adaptations, data.get("adaptations", [])):
+            if isinstance(adaptation, AdaptationSpec):
+                for key in _LATER_ADAPTATION_FIELDS:
+                    if key == "method" or key not in adaptation.model_fields_set:
+                        dumped.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _LATER_TASK_FIELDS = (*TASK_OPTIONS, "split_column", "demos", "collection", "gold_passage")
+_TAGS.update(_TAGS_ADAPT)
 
 
 def _unwrap(t: Any) -> Any:

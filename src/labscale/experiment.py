@@ -62,6 +62,7 @@ def _stderr(msg: str) -> None:
 
 def validate(exp: Experiment, limit: int | None = None, status: Callable | None = None) -> Validated:
     """Phase 1: resolve and check everything; raises LabscaleError before any work is done."""
+    from labscale.adapt.distill import distill_adaptations
     from labscale.adapt.experiment import finetune_adaptations
     from labscale.adapt.optimize import compile_adaptations
     from labscale.config import task_name
@@ -79,7 +80,7 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     notices = [f"skipped optional model '{spec.label}': {why}" for spec, why in skipped]
     skipped_labels = {spec.label for spec, _ in skipped}
     settings = [parse_setting(s) for s in exp.settings]
-    tasks = [get_task(t, exp.base_dir, exp.tasks, exp.task_options(task_name(t))) for t in exp.tasks]
+    tasks = [get_task(t, exp.base_dir, exp.tasks, exp.task_options(task_name(t))) for t in exp.task_entries()]
     for task in tasks:
         for setting in settings:
             check_shots(task, setting)
@@ -90,7 +91,10 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     plans = [plan_run(exp, spec, backend, task, setting, test_sets[task.name])
              for spec, backend in zip(models, backends) for task in tasks for setting in settings
              if not setting.deferred]  # optimized settings are planned once compiled (the adapt phase)
-    adaptations: list[Adaptation] = list(finetune_adaptations(exp, tasks)) if exp.adaptations else []
+    adaptations: list[Adaptation] = []
+    if exp.adaptations:
+        adaptations += finetune_adaptations(exp, tasks)
+        adaptations += distill_adaptations(exp, tasks, backends)
     adaptations += compile_adaptations(exp, tasks, models, backends)
     return Validated(exp, plans, adaptations, {t.name: t for t in tasks}, test_sets, notices, models)
 

@@ -69,6 +69,8 @@ def finetune_adaptations(exp: Experiment, tasks: list[Task]) -> list[FinetuneAda
     by_name = {t.name: t for t in tasks}
     out = []
     for a in exp.adaptations:
+        if a.method != "finetune":  # distillations: adapt/distill.py
+            continue
         spec = base_model_spec(exp, a.model, a.quantization)
         out_dir = None if a.out is None else (exp.base_dir / a.out).resolve()
         options = FinetuneOptions.of(a, spec, by_name[a.task], out=out_dir, default_seed=exp.seed)

@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from labscale.adapt.dp import DPPlan
     from labscale.adapt.session import TrainingRun
 
-__all__ = ["CHECKPOINTS", "FinetuneOptions", "FinetuneResult", "Job", "finetune", "prepare_job", "run_job"]
+__all__ = ["CHECKPOINTS", "FinetuneOptions", "FinetuneResult", "Job", "TrainingPlan", "finetune", "plan_training",
+           "prepare_job", "run_job"]
 
 ADAPT_FORMAT = 1  # bump when what training does for the same inputs changes
 DEFAULT_ADAPTERS_DIR = Path("runs") / "adapters"
@@ -172,25 +173,45 @@ def _folder_state(out: Path, identity: str) -> tuple[str, Path | None]:
     return "new", None
 
 
-def prepare_job(options: FinetuneOptions, world_size: int | None = None) -> Job:
-    """Resolve a fine-tuning job (tokenizer and config only; no weights). The options' values were validated by
-    FinetuneSpec; this checks what needs the model, the data or the machine."""
+@dataclass
+class TrainingPlan:
+    """What a fine-tuning resolves before it needs any data: the base backend, hardware and price, the recipe."""
+
+    backend: HFBackend
+    hardware: Hardware
+    usd_per_hour: float
+    recipe: Recipe
+    country: str
+
+
+def plan_training(options: FinetuneOptions) -> TrainingPlan:
+    """Resolve and check the model, hardware, price, recipe (with overrides), tracking and country of a fine-tuning
+    (tokenizer and config only): everything `prepare_job` checks before it reads the data."""
     check_tracking(options.log)
     country = check_country(options.country)
     backend = _base_backend(options.base)
     hw = hardware_class(options.hardware)
     price = hw.usd_per_hour if options.price_per_hour is None else options.price_per_hour
-    quant = options.base.quantization
-    recipe = pick_recipe(options.recipe, size_class(backend.info.parameters), task_kind(options.task.type), quant,
-                         hw.name)
+    recipe = pick_recipe(options.recipe, size_class(backend.info.parameters), task_kind(options.task.type),
+                         options.base.quantization, hw.name)
     overrides = dict(options.overrides)
     if options.max_steps is not None:
         overrides["max_steps"] = options.max_steps
-    recipe = apply_overrides(recipe, overrides)
+    return TrainingPlan(backend, hw, price, apply_overrides(recipe, overrides), country)
+
+
+def prepare_job(options: FinetuneOptions, world_size: int | None = None, train: SplitData | None = None) -> Job:
+    """Resolve a fine-tuning job (tokenizer and config only; no weights). The options' values were validated by
+    FinetuneSpec; this checks what needs the model, the data or the machine. `train`: training rows built by the
+    caller (rationale distillation's predict + explain rows) instead of the task's train split."""
+    plan = plan_training(options)
+    backend, hw, price, recipe, country = plan.backend, plan.hardware, plan.usd_per_hour, plan.recipe, plan.country
+    quant = options.base.quantization
     canaries = None
     if options.canaries:
         canaries = CanarySpec(options.canaries, options.canary_repeats, options.canary_candidates, options.seed)
-    train = build_split(backend, options.task, "train", options.seed, recipe.max_seq_len)
+    if train is None:
+        train = build_split(backend, options.task, "train", options.seed, recipe.max_seq_len, options.train_limit)
     dev = build_split(backend, options.task, "dev", options.seed, recipe.max_seq_len)
     if canaries is not None:
         from labscale.adapt.canary import insert

@@ -8,7 +8,8 @@ clinical-dialogue prompt is ~80% of the tokens, and SmolLM2-135M's LM head is a 
 token, and projects only those (logit scaling and soft-capping applied as the model's own head would). The loss is
 the summed negative log-likelihood divided by the number of completion tokens in the whole optimizer step
 (`num_items_in_batch`), i.e. exactly the token-mean loss the Trainer's gradient accumulation expects; accuracy is
-logged from the same logits.
+logged from the same logits. Rows may carry a loss weight (`weight`, rationale distillation): each row's summed
+NLL is then scaled by it before the division.
 
 The head is installed on the base model's `forward`, so the call still goes through DDP, PEFT and gradient
 checkpointing like any forward pass (nothing else is bypassed).
@@ -91,17 +92,34 @@ class CompletionSFTTrainer(SFTTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_completion_head(base)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's completion tokens itself
+        collate = self.data_collator
+
+        def weighted(examples):
+            """The collator's batch plus `row_weight` when the rows carry loss weights (data.TrainExample)."""
+            batch = collate(examples)
+            if "weight" in examples[0]:
+                batch["row_weight"] = torch.tensor([float(e["weight"]) for e in examples])
+            return batch
+
+        self.data_collator = weighted
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "weight" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "weight"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        inputs = {k: v for k, v in inputs.items() if k != "use_cache"}
+        weights = inputs.get("row_weight")
+        inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "row_weight")}
         out = model(**inputs, completion_loss=True)
+        total = out.loss if weights is None else (out.row_nll * weights.to(out.row_nll.device)).sum()
         if num_items_in_batch is None:
-            loss = out.loss / out.n_tokens.clamp(min=1)
+            loss = total / out.n_tokens.clamp(min=1)
             if mode == "train":
                 loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         else:
-            loss = out.loss / torch.as_tensor(num_items_in_batch, device=out.loss.device).clamp(min=1)
+            loss = total / torch.as_tensor(num_items_in_batch, device=out.loss.device).clamp(min=1)
             if self.args.average_tokens_across_devices:  # counted over all ranks; DDP averages gradients
                 loss = loss * self.accelerator.num_processes
         n = self.accelerator.gather_for_metrics(out.n_tokens.detach().reshape(1)).sum()

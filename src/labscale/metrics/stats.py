@@ -79,3 +79,23 @@ def paired_bootstrap(
     else:
         p = 1.0
     return {"diff": float(diff), "low": low, "high": high, "p_value": min(1.0, p)}
+
+
+def macro_bootstrap(stats: list[np.ndarray], n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> tuple[float, float, float]:
+    """(value, low, high) of the unweighted mean over groups (e.g. a task group's member tasks) of each group's
+    mean of column 0, with a percentile-bootstrap CI that resamples every group's rows independently (a stratified
+    bootstrap: each task keeps its size, so the CI reflects each task's own sampling error). NaN rows (a metric
+    undefined for an example) are ignored within their group."""
+    if not stats:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    columns = [np.asarray(s, dtype=float).reshape(len(s), -1)[:, 0] for s in stats]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = float(np.mean([np.nanmean(c) for c in columns]))
+        if math.isnan(value):
+            return value, value, value
+        means = [np.nanmean(c[rng.integers(0, len(c), size=(n_boot, len(c)))], axis=1) for c in columns]
+    low, high = interval(np.mean(means, axis=0), alpha)
+    return value, low, high

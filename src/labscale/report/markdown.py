@@ -98,6 +98,7 @@ def build_report(store: Store, experiment: str | None = None, bootstrap_samples:
             note = "" if protocols <= {"generate"} and primary == metric else f", {'/'.join(sorted(protocols))}"
             n = row_runs[0].row["n_examples"] if row_runs else 0
             rows.append([f"{task} ({label}{note}, n={n})", *cells])
+        rows += _group_rows(config, by_key, models, setting, n_boot, seed)
         lines += table(["task (main metric)", *models], rows)
         lines += caveats([r for r in runs if r.setting == setting], with_task=True)
 
@@ -254,8 +255,38 @@ def _cost_section(runs: list[StoredRun]) -> list[str]:
     return lines + [f"Total API cost of the results above: ${total:.4f}.", ""]
 
 
+def _group_rows(config: dict, by_key: dict, models: list[str], setting: str, n_boot: int, seed: int) -> list[list]:
+    """One row per task group the experiment lists (taskgroups.py): the macro average of the group's metric over
+    its member tasks, per model, with a stratified bootstrap CI (metrics/stats.py `macro_bootstrap`). A model
+    whose member runs are not all complete gets `pending` (or `—` when it has none)."""
+    from labscale.metrics.stats import macro_bootstrap
+    from labscale.report.format import fmt_ci
+    from labscale.taskgroups import TASK_GROUPS
+
+    names = [t if isinstance(t, str) else t.get("name") for t in config.get("tasks", [])]
+    rows = []
+    for group in (TASK_GROUPS[n] for n in dict.fromkeys(names) if n in TASK_GROUPS):
+        cells, sizes = [], set()
+        for m in models:
+            member_runs = [by_key.get((t, m, setting)) for t in group.members]
+            if not any(member_runs):
+                cells.append("—")
+                continue
+            if not all(r is not None and r.complete and group.metric in r.scores for r in member_runs):
+                cells.append("pending")
+                continue
+            stats = [r.stats(group.metric)[1] for r in member_runs if r is not None]
+            sizes.add(sum(len(s) for s in stats))
+            cells.append(fmt_ci(*macro_bootstrap(stats, n_boot=n_boot, seed=seed)))
+        if any(c != "—" for c in cells):
+            n = "/".join(str(x) for x in sorted(sizes)) or "0"
+            rows.append([f"**{group.name}** (macro {group.metric} over {len(group.members)} tasks, n={n})", *cells])
+    return rows
+
+
 def _adaptation_section(runs: list[StoredRun]) -> list[str]:
-    """Fine-tuned models: how each adapter was trained and what it cost (from its labscale.json card)."""
+    """Fine-tuned and distilled models: how each adapter was trained and what it cost (from its labscale.json
+    card); distilled students also split the teacher's cost from the student's, with the teacher's own score."""
     rows, usd, kg = [], 0.0, 0.0
     for r, a in adapter_runs(runs):
         usd += a.get("cost_usd") or 0.0
@@ -272,13 +303,54 @@ def _adaptation_section(runs: list[StoredRun]) -> list[str]:
     if not rows:
         return []
     lines = ["## Adaptations", "",
-             "LoRA / QLoRA adapters evaluated under the `finetuned` setting (zero-shot prompts, exactly as trained). "
+             "LoRA / QLoRA adapters evaluated under the `finetuned` setting (distilled students: the `distilled` "
+             "setting) with zero-shot prompts, exactly as trained. "
              "Dev loss is on the task's dev split, before training → the kept (best) checkpoint. Time, energy and "
              "CO2eq (CodeCarbon, offline) cover the whole training process; cost = measured hours × the hardware "
              "price per hour. Details in each adapter's `labscale.json`.", ""]
     lines += table(["model", "task", "fingerprint", "recipe", "quantization", "steps", "dev loss", "train (min)",
                     "tokens/s", "energy (kWh)", "CO2eq (g)", "cost"], rows)
-    return lines + [f"Total fine-tuning cost: ${usd:.4f}, {kg * 1000:.2f} g CO2eq.", ""]
+    lines += [f"Total fine-tuning cost: ${usd:.4f}, {kg * 1000:.2f} g CO2eq.", ""]
+    return lines + _distillation_rows(runs)
+
+
+def _distillation_rows(runs: list[StoredRun]) -> list[str]:
+    """The distilled students' teacher / student split (the `distill` part of their card summary)."""
+    found = [(r, a["distill"]) for r, a in adapter_runs(runs) if a.get("distill")]
+    if not found:
+        return []
+    g = lambda x: "n/a" if x is None else f"{x * 1000:.2f}"  # noqa: E731
+    kwh = lambda x: "n/a" if x is None else f"{x:.5f}"  # noqa: E731
+    usd = lambda x: "n/a" if x is None else f"${x:.4f}"  # noqa: E731
+    rows, teacher_total, teacher_kg = [], 0.0, 0.0
+    for r, d in found:
+        teacher_total += d.get("teacher_usd") or 0.0
+        teacher_kg += d.get("teacher_co2eq_kg") or 0.0
+        if d.get("teacher_score") is not None:
+            from labscale.report.format import fmt_ci
+
+            score = (f"{d['teacher_metric']} {fmt_ci(d['teacher_score'], d['teacher_ci_low'], d['teacher_ci_high'])}"
+                     f" (n={d['teacher_scored_n']})")
+        else:
+            score = "n/a (no gold)" if d.get("mode") == "task" else "n/a (instructions)"
+        share = d.get("dropped_share")
+        dropped = f"{d.get('dropped')} ({share:.0%})" if share is not None else "n/a"
+        mode = d.get("mode", "task") + (" + rationales" if d.get("rationales") else "")
+        rows.append([r.model, mode, d.get("teacher") or "n/a", f"{d.get('kept')}/{d.get('labelled')}", dropped,
+                     score, f"{usd(d.get('teacher_usd'))} (API {usd(d.get('teacher_api_usd'))})",
+                     kwh(d.get("teacher_kwh")), g(d.get("teacher_co2eq_kg")), usd(d.get("student_usd")),
+                     kwh(d.get("student_kwh")), g(d.get("student_co2eq_kg")), usd(d.get("total_usd"))])
+    lines = ["### Distillation: teacher and student", "",
+             "Students evaluated under the `distilled` setting. The teacher labelled the task's train inputs (or "
+             "wrote the instruction dataset); kept = training examples made of its outputs, dropped = outputs "
+             "unparseable or empty. The teacher's score is its own, on the train inputs it labelled that have gold "
+             "answers (95% bootstrap CI): the ceiling imitation can reach. Teacher $ = API tokens × price + a local "
+             "teacher's compute hours × the hardware price; its energy and CO2eq are measured while labelling (an "
+             "API teacher's are unknown). Student figures are the training's (the table above).", ""]
+    lines += table(["model", "mode", "teacher", "kept / labelled", "dropped", "teacher score on train",
+                    "teacher $", "teacher kWh", "teacher CO2eq (g)", "student $", "student kWh", "student CO2eq (g)",
+                    "total $"], rows)
+    return lines + [f"Total teacher cost: ${teacher_total:.4f}, {teacher_kg * 1000:.2f} g CO2eq.", ""]
 
 
 def write_report(db: Path, out: Path | None = None, experiment: str | None = None) -> Path:

@@ -160,6 +160,13 @@ def check_shots(task: Task, setting: Setting) -> None:
                 "use zero-shot, or give the task train data (e.g. `data: {train: train.jsonl, test: test.jsonl}`, "
                 "or train rows in its split column)",
             )
+        unlabelled = sum(1 for ex in task.splits["train"]
+                         if (ex.gold is None if task.type == "multiple_choice" else not ex.target.strip()))
+        if unlabelled:
+            raise DataError(
+                f"{setting.name} needs labelled train examples but {unlabelled} of task '{task.name}''s "
+                f"{n_train} train examples have no target", "label them, or use zero-shot (an unlabelled train "
+                "split is for a distillation teacher to label)")
         if setting.shots > n_train:
             raise DataError(
                 f"{setting.name} needs {setting.shots} examples but task '{task.name}' has only {n_train} in its train split",

@@ -24,6 +24,10 @@ BUILTIN_TASKS: dict[str, str] = {
     "crows-pairs": "crows_pairs",
     "abstention-qa": "abstention",
     "rag-qa": "rag_qa",
+    "piqa": "piqa",
+    "siqa": "siqa",
+    "commonsenseqa": "commonsenseqa",
+    "boolq": "boolq",
 }
 
 

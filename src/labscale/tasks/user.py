@@ -154,20 +154,28 @@ def _source_text(spec: TaskSpec) -> str:
 
 
 def _example(spec: TaskSpec, template: jinja2.Template, labels: tuple[str, ...], choice_columns: list[str],
-             row: dict[str, Any], where: str, default_id: str) -> Example:
-    """One row as an Example; DataError naming the row and column at fault."""
+             row: dict[str, Any], where: str, default_id: str, unlabelled_ok: bool = False) -> Example:
+    """One row as an Example; DataError naming the row and column at fault. `unlabelled_ok`: a row of the train
+    split may leave the target empty (a teacher labels it, docs/distill.md): target "", no gold choice."""
     try:
         text = template.render(_context(row)).strip()
     except jinja2.UndefinedError as e:
         raise DataError(f"{where}: the input template failed: {e.message}", _columns_text(list(row))) from None
     except Exception as e:  # e.g. a filter applied to the wrong type
         raise DataError(f"{where}: the input template failed: {type(e).__name__}: {e}", "check the `input:` template") from None
-    if spec.target not in row or is_missing(row[spec.target]):
+    unlabelled = unlabelled_ok and (spec.target not in row or is_missing(row[spec.target]) or
+                                    (spec.type != "multiple_choice" and not _text(row[spec.target]).strip()))
+    if not unlabelled and (spec.target not in row or is_missing(row[spec.target])):
         raise DataError(f"{where} has no value in target column '{spec.target}'", "fill in or remove rows without a target")
-    raw_target = row[spec.target]
+    raw_target = None if unlabelled else row[spec.target]
     choices: tuple[str, ...] = ()
     gold = None
-    if spec.type == "classify":
+    if unlabelled:
+        target = ""
+        if spec.type == "multiple_choice":
+            choices = tuple(_choice_list(row.get(spec.choices), spec.choices, where)) if isinstance(spec.choices, str) \
+                else tuple(_text(row.get(c)).strip() for c in choice_columns)
+    elif spec.type == "classify":
         target = _text(raw_target).strip()
         if target not in labels:
             raise DataError(
@@ -244,8 +252,11 @@ def task_from_spec(spec: TaskSpec, base_dir: Path) -> Task:
             for i, row in enumerate(rows):
                 where = f"task '{spec.name}', row {i}" if split is None else \
                     f"task '{spec.name}', {split} file '{data}', row {i}"
+                row_split = split if split is not None else \
+                    split_name(row.get(spec.split_column), spec.split_column, where) if spec.split_column else None
                 ex = _example(spec, template, labels, choice_columns, row, where,
-                              default_id=str(i) if split is None else f"{split}-{i}")
+                              default_id=str(i) if split is None else f"{split}-{i}",
+                              unlabelled_ok=row_split == "train")
                 here = str(i) if split is None else f"{split} file '{data}' row {i}"
                 if ex.id in seen:
                     both = f"rows {seen[ex.id]} and {i}" if split is None else f"{seen[ex.id]} and {here}"
