@@ -82,6 +82,7 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     test_sets = {task.name: task.split("test", limit) for task in tasks}
     models = [spec.resolved(exp.base_dir) for spec in exp.models if spec.label not in skipped_labels]
     backends = [resolve_model(spec) for spec in models]
+    notices += [b.info.notice for b in backends if b.info.notice]
     check_prices(exp, backends)
     plans = [plan_run(exp, spec, backend, task, setting, test_sets[task.name])
              for spec, backend in zip(models, backends) for task in tasks for setting in settings]
