@@ -43,6 +43,8 @@ def run(
     from labscale.experiment import run_experiment
 
     results = run_experiment(file, db=db, limit=limit, say=lambda m: typer.echo(m, err=True))
+    if results.worker:  # a data-parallel worker: the main process reports
+        return
     g, ll = results.generations, results.loglikelihoods
     typer.echo(f"database: {results.db}")
     typer.echo(f"report: {results.report}")
