@@ -55,6 +55,9 @@ DEFAULT_TIMEOUT_S = 600.0  # per request, unless the entry sets timeout_s: CPU g
 MAX_RESTARTS = 2
 NO_ECHO = "llama-server gives no prompt log-probabilities (it refuses echo)"
 PR_SET_PDEATHSIG = 1
+# llama-server samples with top_k 40 and min_p 0.05 unless told otherwise: off, so that the experiment's decoding
+# parameters (temperature, top_p, seed) are the whole story, as for every other backend
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
 
 def server_binary() -> tuple[Path, dict[str, str]]:
@@ -382,7 +385,8 @@ class LlamaCppBackend(ModelBackend):
             api_spec = ModelSpec(id=f"openai:{server.alias}", name=self.spec.label, base_url=server.url + "/v1",
                                  api_key_env=None, concurrency=self.options.parallel, timeout_s=timeout,
                                  max_retries=self.spec.max_retries, context_length=self.context_length)
-            self._api = OpenAIBackend(api_spec, server.alias, text_prompts=True, alive=server.why_dead)
+            self._api = OpenAIBackend(api_spec, server.alias, text_prompts=True, alive=server.why_dead,
+                                      extra_body=NEUTRAL_SAMPLING)
             return None
 
     @property

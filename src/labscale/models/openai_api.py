@@ -115,10 +115,11 @@ def backoff_s(attempt: int, retry_after: float | None, rng: random.Random) -> fl
 
 class OpenAIBackend(ModelBackend):
     """`alive()` (for a server labscale runs itself) returns why the server is gone, or None: a request then
-    fails at once instead of being retried. `text_prompts`: see the module docstring."""
+    fails at once instead of being retried. `text_prompts`: see the module docstring. `extra_body`: fields added
+    to every generation request (a server's own sampler settings, e.g. llama.cpp's top_k)."""
 
     def __init__(self, spec: ModelSpec, model: str, text_prompts: bool = False,
-                 alive: Callable[[], str | None] | None = None):
+                 alive: Callable[[], str | None] | None = None, extra_body: dict | None = None):
         if not model.strip():
             raise ModelError(f"model '{spec.id}' names no model", "write openai:<model name the API knows>")
         self.spec = spec
@@ -145,6 +146,7 @@ class OpenAIBackend(ModelBackend):
         self.retries = 0  # retries made so far (all requests)
         self.text_prompts = text_prompts
         self.alive = alive
+        self.extra_body = dict(extra_body or {})  # server-specific generation fields (e.g. samplers off)
         self._echo_max_tokens = 0  # 1 once the server refused max_tokens 0 with echo
         self._loglikelihood: tuple[bool, str | None] | None = None  # (supported, notice), once checked
 
@@ -263,6 +265,8 @@ class OpenAIBackend(ModelBackend):
             body.update(top_p=params.top_p, seed=params.seed)
         if params.stop:
             body["stop"] = list(params.stop)
+        if self.extra_body:
+            body["extra_body"] = self.extra_body
         rng = random.Random(f"{params.seed}|{index}|{request.prompt}")
         started = time.perf_counter()
         send = client.completions.create if self.text_prompts else client.chat.completions.create
