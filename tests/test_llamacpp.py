@@ -73,7 +73,7 @@ def test_bad_gguf_paths(tmp_path, capsys, monkeypatch, case):
 def test_server_fields_only_on_llamacpp_entries(tmp_path, capsys, monkeypatch):
     exp = _exp(tmp_path, {"id": "embedded:smollm2-135m-instruct", "server": {"parallel": 2}})
     line = _one_error_line(*cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "x.db"))
-    assert "server do not apply to embedded: models" in line and "llamacpp:" in line
+    assert "server only apply to llamacpp: entries" in line
 
 
 def test_bad_server_binary_env(tmp_path, capsys, monkeypatch):

@@ -131,7 +131,7 @@ def models() -> None:
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", help="embedded:<name> or hf:<hub id or local path>"),
+    model: str = typer.Option(..., "--model", help="embedded:<name>, hf:<hub id or local path> or adapter:<folder>"),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="LoRA adapter NAME=PATH (repeatable)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, min=0, max=65535, help="port to listen on"),

@@ -111,13 +111,11 @@ def check_fields(spec: ModelSpec) -> None:
     given = [f for f in ENTRY_FIELDS if getattr(spec, f) != defaults[f].default and f not in entry.takes]
     if not given:
         return
-    first = given[0]
-    where = [f"{p}:" for p, b in FACTORIES.items() if first in b.takes]
-    if first in (*API_FIELDS, "optional") and entry.takes == LOCAL_FIELDS:
-        raise ConfigError(f"model '{spec.label}': {', '.join(given)} only apply to openai:<model> entries "
-                          "(remote API models)", "remove them from this model's entry")
-    raise ConfigError(f"model '{spec.label}': {', '.join(given)} do not apply to {spec.id.partition(':')[0]}: "
-                      f"models ({first} applies to {', '.join(where)} entries)", "remove them from this model's entry")
+    where = [p for p, b in FACTORIES.items() if given[0] in b.takes]
+    owners = "openai:<model> entries (remote API models)" if where == ["openai"] else \
+        " / ".join(f"{p}:" for p in where) + " entries"
+    raise ConfigError(f"model '{spec.label}': {', '.join(given)} only apply to {owners}",
+                      "remove them from this model's entry")
 
 
 def missing_key(spec: ModelSpec) -> str | None:
