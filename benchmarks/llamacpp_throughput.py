@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each table row as it is measured
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from labscale.models.llamacpp import installed
 

@@ -105,7 +105,6 @@ def test_lm_eval_through_labscale_serve_agrees_with_labscale(tmp_path, capsys, m
         worst = max(worst, *(abs(x - y) for x, y in zip(a, b)), *(abs(x - y) for x, y in zip(c, b)))
         assert _choices(a, ex.choices) == _choices(b, ex.choices) == _choices(c, ex.choices), ex.id
     assert worst < 1e-3, worst
-    print(f"lm-eval agreement: {N} questions, max |Δ log-likelihood| {worst:.2e}")
     results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]["obqa_local"]
     from labscale.results import load_results
 
@@ -115,3 +114,7 @@ def test_lm_eval_through_labscale_serve_agrees_with_labscale(tmp_path, capsys, m
         assert res.score("openbookqa", "openai:smollm2", metric=metric).value == \
             res.score("openbookqa", EMBEDDED, metric=metric).value
     assert res.run("openbookqa", "openai:smollm2").protocol == "loglikelihood"
+    print(f"lm-eval agreement: {N} questions, max |Δ log-likelihood| {worst:.2e}; lm-eval through labscale serve "
+          f"acc {results['acc,none']:.3f} acc_norm {results['acc_norm,none']:.3f}; labscale local acc "
+          f"{res.score('openbookqa', EMBEDDED, metric='acc').value:.3f} acc_norm "
+          f"{res.score('openbookqa', EMBEDDED, metric='acc_norm').value:.3f}")

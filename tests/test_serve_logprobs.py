@@ -163,3 +163,18 @@ def test_openai_backend_in_completions_mode_scores_like_the_local_backend(url, l
     for g, w in zip(got, want):
         assert g.logprob == pytest.approx(w.logprob, abs=1e-4)
         assert (g.n_tokens, g.is_greedy) == (w.n_tokens, w.is_greedy)
+
+
+def test_an_adapter_model_serves_logprobs_with_its_adapter_on(tiny_llm, tmp_path, local):
+    folder = make_lora(tiny_llm, tmp_path / "lora", 3)
+    backend = load_backend(f"adapter:{folder}", {}, batch_size=2)
+    context, continuation = PAIRS[0]
+    want = backend.loglikelihood([LoglikelihoodRequest(context, continuation)])[0].logprob
+    base = local.loglikelihood([LoglikelihoodRequest(context, continuation)])[0].logprob
+    assert abs(want - base) > 1e-3  # the adapter changes the scores
+    with running(create_app(backend, Batcher(backend, batch_size=2), "tuned")) as base_url:
+        r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+            "model": "tuned", "prompt": context + continuation, "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        got = _continuation_logprob(r.json()["choices"][0]["logprobs"], len(context))
+    assert got == pytest.approx(want, abs=1e-4)

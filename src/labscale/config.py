@@ -420,10 +420,10 @@ class Experiment(_Strict):
                 for key in _LATER_TASK_FIELDS:
                     if isinstance(entry, str) or key not in entry.model_fields_set:
                         dumped.pop(key, None)
-        for entry, dumped in zip(self.models, data["models"]):
+        for model, dumped_model in zip(self.models, data["models"]):
             for key in LATER_MODEL_FIELDS:
-                if key not in entry.model_fields_set:
-                    dumped.pop(key, None)
+                if key not in model.model_fields_set:
+                    dumped_model.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
