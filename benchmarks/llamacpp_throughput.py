@@ -69,7 +69,8 @@ def speed(args) -> None:
     rows.append(("embedded: (transformers, fp32, batch %d)" % args.n, load_s, wall, ref))
     hf.close()
     for parallel in args.parallel:
-        spec = ModelSpec(id=LLAMACPP, batch_size=args.n, server=LlamaServerSpec(parallel=parallel))
+        spec = ModelSpec(id=LLAMACPP, batch_size=args.n,
+                         server=LlamaServerSpec(parallel=parallel, threads=args.threads))
         backend = resolve_model(spec)
         assert backend.render([{"role": "user", "content": INSTRUCTION + "x"}]) == \
             hf.render([{"role": "user", "content": INSTRUCTION + "x"}])  # the same text reaches both engines
@@ -102,7 +103,8 @@ def quality(args) -> None:
     best = args.parallel[0]
     folder = Path(tempfile.mkdtemp(prefix="labscale-llamacpp-bench-"))
     exp = parse_experiment({
-        "name": "quantization", "models": [EMBEDDED, {"id": LLAMACPP, "server": {"parallel": best}}],
+        "name": "quantization",
+        "models": [EMBEDDED, {"id": LLAMACPP, "server": {"parallel": best, "threads": args.threads}}],
         "tasks": ["mts-summarization", "fact-check"], "limit": args.limit,
         "generation": {"max_new_tokens": args.quality_max_new_tokens}}, folder)
     t0 = time.perf_counter()
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 2],
                     help="llama-server --parallel values to time (the first is used for the quality run)")
+    ap.add_argument("--threads", type=int, default=None, help="llama-server threads (default: all cores)")
     ap.add_argument("--limit", type=int, default=32, help="test examples per task for the quality part")
     ap.add_argument("--quality-max-new-tokens", type=int, default=128)
     ap.add_argument("--skip-speed", action="store_true")
