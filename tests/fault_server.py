@@ -8,6 +8,7 @@ that is not JSON), `[[fault:400]]` (always 400), `[[fault:nousage]]` (a reply wi
 some servers do). With `echo_key=True`, a 401 for a wrong key echoes the key it was sent too.
 The reply is what follows `[[answer:` … `]]` in the prompt, else "A". Usage counts whitespace-separated words of
 the messages' contents (prompt) and of the reply (completion), so tests can compute costs by hand.
+/v1/completions requests are refused with llama-server's 400 for `echo` ("Only no echo is supported").
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class FaultServer:
                     sent = auth.removeprefix("Bearer ")
                     return self._error(401, "Incorrect API key provided" + (f": {sent}. Header was '{auth}'"
                                                                             if server.echo_key else ""))
+                if "messages" not in body:  # /v1/completions: refused as llama-server refuses echo
+                    return self._error(400, "Only no echo is supported")
                 messages = body["messages"]
                 prompt = messages[-1]["content"]
                 with server.lock:

@@ -54,3 +54,12 @@ def test_not_a_mapping_and_missing_file(tmp_path):
 def test_quickstart_example_parses():
     exp = load_experiment("examples/quickstart.yaml")
     assert exp.limit == 20 and exp.settings == ["zero-shot", "few-shot:3"]
+
+
+def test_new_model_fields_leave_old_config_hashes_alone():
+    before = parse_experiment(BASE).config_hash()
+    for extra in ({"device_map": "auto"}, {"id": "llamacpp:x.gguf", "server": {"parallel": 2}}):
+        spec = {"id": "embedded:smollm2-135m-instruct", **extra}
+        assert parse_experiment({**BASE, "models": [spec]}).config_hash() != before
+    unset = parse_experiment({**BASE, "models": [{"id": "embedded:smollm2-135m-instruct"}]})
+    assert unset.config_hash() == before

@@ -107,11 +107,12 @@ def _echo_backend_class():
 
 
 def test_a_priced_api_backend_is_a_subclass_and_a_registry_line(tmp_path, notes_exp, monkeypatch):
+    from labscale.config import API_FIELDS
     from labscale.models import registry
 
     Echo = _echo_backend_class()
     monkeypatch.setitem(registry.FACTORIES, "echo", registry.Backend(lambda spec, name: Echo(spec, name),
-                                                                      remote=True))
+                                                                      remote=True, takes=API_FIELDS))
     monkeypatch.setenv("ECHO_KEY", "k")
     exp = write_experiment(
         tmp_path / "api.yaml", name="api",

@@ -699,3 +699,19 @@ def test_hub_reachable_is_false_offline_and_without_dns(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     assert hub_reachable() is False
     hub_reachable.cache_clear()
+
+
+def test_device_map_auto_on_cpu_loads_and_scores_as_without(tiny_llm):
+    """`device_map: auto` (accelerate) on a machine without a GPU: everything on the CPU, the same outputs."""
+    from labscale.config import ModelSpec
+    from labscale.models.base import DecodingParams, GenerationRequest, LoglikelihoodRequest
+    from labscale.models.registry import resolve_model
+
+    plain = resolve_model(ModelSpec(id=f"hf:{tiny_llm}"))
+    spread = resolve_model(ModelSpec(id=f"hf:{tiny_llm}", device_map="auto"))
+    prompt = plain.render([{"role": "user", "content": "The patient reports chest pain."}])
+    req = [GenerationRequest(prompt, DecodingParams(max_new_tokens=8))]
+    assert spread.generate(req)[0].text == plain.generate(req)[0].text
+    pair = [LoglikelihoodRequest("The patient reports", " chest pain")]
+    assert spread.loglikelihood(pair)[0].logprob == plain.loglikelihood(pair)[0].logprob
+    assert spread.info.device.startswith("auto") and spread.extra["device_map"] == ["cpu"]

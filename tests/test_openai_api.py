@@ -380,3 +380,55 @@ def test_spending_cap_reserves_the_worst_case():
     with pytest.raises(CostLimitReached):
         cap.admit([0.6])
     assert SpendingCap(None).admit([1e9]) == 1
+
+
+# -- loglikelihood: completions (scoring against labscale serve: test_serve_logprobs.py, test_lm_eval_serve.py) --
+
+
+def test_completions_mode_on_an_endpoint_without_logprobs_is_one_line(tmp_path, capsys, monkeypatch, fast_backoff):
+    with FaultServer(key=SECRET) as server:  # refuses /v1/completions with echo, as llama-server does
+        exp = write_experiment(tmp_path / "mc.yaml", name="mc", tasks=["openbookqa"], limit=3,
+                               models=[_model(server, loglikelihood="completions")])
+        code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "mc.db")
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert "gives no prompt log-probabilities (HTTP 400: Only no echo is supported)" in lines[0]
+        assert "loglikelihood_fallback: true" in lines[0] and SECRET not in err
+        assert not (tmp_path / "mc.db").exists() and server.total == 0  # no chat request was made
+
+
+def test_completions_mode_falls_back_to_letters_only_when_allowed(tmp_path, capsys, monkeypatch, fast_backoff):
+    with FaultServer(key=SECRET) as server:
+        exp = write_experiment(tmp_path / "mc.yaml", name="mc", tasks=["openbookqa"], limit=3, bootstrap_samples=200,
+                               models=[_model(server, loglikelihood="completions", loglikelihood_fallback=True)])
+        code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "mc.db")
+        assert code == 0, err
+        assert "notice: model 'openai:fake-gpt': the endpoint gives no prompt log-probabilities" in err
+        assert server.total == 3  # the letter protocol: one chat request per question
+    conn = sqlite3.connect(tmp_path / "mc.db")
+    assert conn.execute("SELECT protocol FROM runs").fetchone()[0] == "generate"
+    conn.close()
+    assert "the letter protocol" in (tmp_path / "mc.md").read_text()
+
+
+def test_completions_mode_on_an_unreachable_endpoint_is_one_line(tmp_path, capsys, monkeypatch, fast_backoff):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = {"id": "openai:x", "base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": None,
+             "loglikelihood": "completions", "max_retries": 1}
+    exp = write_experiment(tmp_path / "mc.yaml", name="mc", tasks=["openbookqa"], limit=2, models=[model])
+    code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "mc.db")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "cannot check that" in lines[0] and "connection failed" in lines[0], err
+    assert not (tmp_path / "mc.db").exists()
+
+
+@pytest.mark.parametrize("field,value", [("loglikelihood", "completions"), ("loglikelihood_fallback", True)])
+def test_completions_mode_fields_only_on_api_entries(tmp_path, capsys, monkeypatch, field, value):
+    exp = write_experiment(tmp_path / "bad.yaml", name="bad", tasks=["fact-check"],
+                           models=[{"id": "embedded:smollm2-135m-instruct", field: value}])
+    code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", tmp_path / "bad.db")
+    assert code == 2 and f"{field} only apply to openai:<model> entries" in err

@@ -344,8 +344,8 @@ BAD_VALUES = [
     ("chat", {"logit_bias": {"5": 100}}, "logit_bias"),
     ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
     ("chat", {"presence_penalty": -1}, "presence_penalty"),
-    ("chat", {"logprobs": True}, "logprobs"),
-    ("chat", {"top_logprobs": 3}, "top_logprobs"),
+    ("chat", {"logprobs": True}, "logprobs"),  # not on a server with --adapter adapters (test_serve_logprobs.py)
+    ("chat", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"top_k": 5}, "top_k"),
@@ -360,13 +360,15 @@ BAD_VALUES = [
     ("chat", {"messages": LONG}, "messages"),  # the prompt alone exceeds the context
     ("chat", {"model": 5}, "model"),
     ("completions", {"prompt": ""}, "prompt"),
-    ("completions", {"prompt": [1, 2, 3]}, "prompt.0"),
-    ("completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("completions", {"prompt": [1, 2, 10**6]}, "prompt"),  # a token id outside the vocabulary
+    ("completions", {"prompt": [1.5]}, "prompt.0"),
+    ("completions", {"prompt": ["a"] * 65}, "prompt"),
     ("completions", {"prompt": "\ud800x"}, "prompt"),
     ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-    ("completions", {"prompt": "x", "echo": True}, "echo"),
+    ("completions", {"prompt": "x", "echo": "yes"}, "echo"),
     ("completions", {"prompt": "x", "best_of": 2}, "best_of"),
-    ("completions", {"prompt": "x", "logprobs": 1}, "logprobs"),
+    ("completions", {"prompt": "x", "logprobs": 1}, "logprobs"),  # not with --adapter adapters
+    ("completions", {"prompt": "x", "logprobs": 99}, "logprobs"),
     ("completions", {"prompt": "x", "seed": 2**63}, "seed"),
 ]
 

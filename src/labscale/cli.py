@@ -43,6 +43,8 @@ def run(
     from labscale.experiment import run_experiment
 
     results = run_experiment(file, db=db, limit=limit, say=lambda m: typer.echo(m, err=True))
+    if results.worker:  # a data-parallel worker: the main process reports
+        return
     g, ll = results.generations, results.loglikelihoods
     typer.echo(f"database: {results.db}")
     typer.echo(f"report: {results.report}")
@@ -225,7 +227,7 @@ def models() -> None:
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", help="embedded:<name> or hf:<hub id or local path>"),
+    model: str = typer.Option(..., "--model", help="embedded:<name>, hf:<hub id or local path> or adapter:<folder>"),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="LoRA adapter NAME=PATH (repeatable)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, min=0, max=65535, help="port to listen on"),

@@ -39,12 +39,29 @@ class Price(_Strict):
 API_FIELDS = ("base_url", "price", "context_length", "token_limit_field")
 
 
+class LlamaServerSpec(_Strict):
+    """How labscale runs llama.cpp's `llama-server` for a `llamacpp:` model (models/llamacpp.py)."""
+
+    parallel: int = Field(1, ge=1, le=256, description="server slots (--parallel): requests decoded together by "
+                          "continuous batching; on a 2-core laptop 1-2 is fastest")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads (-t; default: all cores)")
+    context_length: Optional[int] = Field(None, ge=64, le=2**24, description="tokens per request (default: the "
+                                          "model's training context, at most 8192); the KV cache holds parallel × this")
+    gpu_layers: Optional[int] = Field(None, ge=0, le=100_000, description="layers offloaded to a GPU (-ngl) in a "
+                                      "GPU build of llama.cpp; default: llama.cpp's")
+    args: list[str] = Field([], description="more llama-server arguments, passed as written")
+    startup_timeout_s: float = Field(300.0, gt=0, le=86_400, description="wait this long for the model to load")
+
+
 class ModelSpec(_Strict):
     """A model entry. The short form `- embedded:smollm2-135m-instruct` is the same as `- id: embedded:…`.
 
-    The fields after `revision` apply to `openai:<model>` (any OpenAI-compatible API)."""
+    The fields after `revision` apply to `openai:<model>` (any OpenAI-compatible API; `timeout_s` and
+    `max_retries` to `llamacpp:` too), `device_map` to local transformers models, `server` to `llamacpp:`; a field
+    set on an entry whose backend does not take it is an error (models/registry.py)."""
 
-    id: str = Field(description="embedded:<name> | hf:<hub id or local path> | openai:<model>")
+    id: str = Field(description="embedded:<name> | hf:<hub id or local path> | openai:<model> | "
+                    "llamacpp:<file.gguf or embedded:name> | adapter:<folder>")
     name: Optional[str] = Field(None, description="display name in reports (default: id)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "8bit", "4bit"] = "none"
@@ -66,16 +83,26 @@ class ModelSpec(_Strict):
         None, description="request field for the output budget (default: max_completion_tokens for OpenAI's "
         "reasoning models o1/o3/o4/gpt-5, else max_tokens, which every compatible server accepts)"
     )
+    loglikelihood: Literal["none", "completions"] = Field(
+        "none", description="completions: score multiple-choice tasks by log-likelihood through /v1/completions "
+        "with echo and logprobs (vLLM, labscale serve); none: the letter protocol")
+    loglikelihood_fallback: bool = Field(
+        False, description="with loglikelihood: completions, an endpoint that gives no prompt log-probabilities "
+        "falls back to the letter protocol (with a notice) instead of stopping with an error")
+    device_map: Optional[Literal["auto"]] = Field(
+        None, description="local models: auto spreads the weights over every visible GPU (then CPU memory) with "
+        "accelerate, for a model bigger than one device")
+    server: Optional[LlamaServerSpec] = Field(None, description="llamacpp: models: how llama-server runs")
 
     @property
     def label(self) -> str:
         return self.name or self.id
 
     def resolved(self, base_dir: str | Path) -> "ModelSpec":
-        """`hf:` and `adapter:` paths relative to the experiment file (`base_dir`), like data paths; the display
+        """`hf:`, `adapter:` and `llamacpp:` paths relative to the experiment file (`base_dir`), like data paths; the display
         name stays as written. Other ids, and paths that do not exist there, are returned unchanged."""
         prefix, _, rest = self.id.partition(":")
-        if prefix in ("hf", "adapter") and rest.startswith("."):
+        if prefix in ("hf", "adapter", "llamacpp") and rest.startswith("."):
             candidate = (Path(base_dir) / rest).resolve()
             if candidate.exists():
                 return self.model_copy(update={"id": f"{prefix}:{candidate}", "name": self.label})
@@ -640,12 +667,18 @@ class Experiment(_Strict):
                 for key in _LATER_ADAPTATION_FIELDS:
                     if key == "method" or key not in adaptation.model_fields_set:
                         dumped.pop(key, None)
+        for model, dumped_model in zip(self.models, data["models"]):
+            for key in LATER_MODEL_FIELDS:
+                if key not in model.model_fields_set:
+                    dumped_model.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _LATER_TASK_FIELDS = (*TASK_OPTIONS, "split_column", "demos", "collection", "gold_passage")
 _TAGS.update(_TAGS_ADAPT)
+# Model entry fields added after experiments were first stored: they hash only when set.
+LATER_MODEL_FIELDS = ("loglikelihood", "loglikelihood_fallback", "device_map", "server")
 
 
 def _unwrap(t: Any) -> Any:

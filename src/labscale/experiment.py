@@ -54,6 +54,10 @@ class Validated:
                 + (f" + {len(self.adaptations)} adaptation(s)" if self.adaptations else ""))
 
 
+def _quiet(msg: str) -> None:
+    """A data-parallel worker's say: the main process speaks for the launch."""
+
+
 def _stderr(msg: str) -> None:
     import sys
 
@@ -87,6 +91,7 @@ def validate(exp: Experiment, limit: int | None = None, status: Callable | None 
     test_sets = {task.name: task.split("test", limit) for task in tasks}
     models = [spec.resolved(exp.base_dir) for spec in exp.models if spec.label not in skipped_labels]
     backends = [resolve_model(spec) for spec in models]
+    notices += [b.info.notice for b in backends if b.info.notice]
     check_prices(exp, backends)
     plans = [plan_run(exp, spec, backend, task, setting, test_sets[task.name])
              for spec, backend in zip(models, backends) for task in tasks for setting in settings
@@ -149,10 +154,16 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
     runs/<name>.db; `limit` overrides the file's test examples per task. Bad input raises LabscaleError before the
     database is opened. When the run stops early (the cost limit, a rejected API key), finished work is kept,
     the report is still written, and `Results.stopped` holds the error (the CLI then exits non-zero).
+
+    Under `accelerate launch` / torchrun (WORLD_SIZE > 1) every process calls this: the main process does all of
+    the above, the others answer its model calls (engine/parallel.py) and get a `Results` with `worker=True`.
     """
+    import contextlib
+
     from rich.console import Console
 
     from labscale.config import load_experiment
+    from labscale.engine.parallel import LOCAL, check_parallel, data_parallel
     from labscale.engine.plan import environment
     from labscale.engine.runner import Runner
     from labscale.engine.store import check_db_path, open_store
@@ -162,48 +173,82 @@ def run_experiment(experiment: str | Path | Experiment, db: str | Path | None = 
 
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
     db = Path(db) if db is not None else default_db(exp.name)
-    check_db_path(db)  # a foreign or broken database is refused before any work
+    parallel = data_parallel()  # an `accelerate launch` / torchrun: every process runs this function
+    main = parallel is None or parallel.is_main
+    if not main:
+        say = _quiet
     console = console or Console(stderr=True)
-    with console.status("validate: loading tasks and tokenizers, checking every prompt…"):
-        v = validate(exp, limit)
-    for notice in v.notices:
-        say(f"notice: {notice}")
-    say(f"validate: {v.summary()}")
-    created = not db.exists()
-    store = open_store(db)  # only now: bad input leaves the database untouched
-    stopped: LabscaleError | None = None
-    runner = None
+    problem: LabscaleError | None = None
     try:
-        try:
-            adapted = adapt(v, store, say)
-        except BaseException:
-            # a refused adaptation (e.g. over budget) before any model call leaves no new database behind
-            if created and not any(store.counts()[t] for t in ("generations", "loglikelihoods")):
-                store.close()
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{db}{suffix}").unlink(missing_ok=True)
+        check_db_path(db)  # a foreign or broken database is refused before any work
+        if parallel is not None:
+            check_parallel(exp.models, exp.adaptations)
+        with console.status("validate: loading tasks and tokenizers, checking every prompt…") if main else \
+                contextlib.nullcontext():
+            v = validate(exp, limit)
+    except LabscaleError as e:
+        if parallel is None:
             raise
-        plans = plan(v, adapted)
-        if adapted:
-            say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
-        for line in warnings(plans):
-            say(f"warning: {line}")
-        config = exp.model_dump(mode="json")
-        if limit:
-            config["limit"] = limit
-        exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, environment(),
-                                        [p.record() for p in plans], v.notices)
-        runner = Runner(store, console, exp.bootstrap_samples, exp.cost_limit)
-        estimate = runner.estimate(plans)
-        requests, cached = sum(n for n, _ in estimate), sum(c for _, c in estimate)
-        say(f"evaluate: {len(plans)} runs, {requests} requests ({cached} cached, {requests - cached} to make)")
+        problem = e
+    if parallel is not None:  # all processes go on, or all stop
+        problems = parallel.agree(None if problem is None else str(problem))
+        first = next(((i, p) for i, p in enumerate(problems) if p), None)
+        if first is not None:
+            if not main:
+                raise SystemExit(problem.exit_code if problem else 2)  # the main process says why
+            raise problem or LabscaleError(f"process {first[0]} of the data-parallel launch stopped: {first[1]}")
+        if not main:
+            parallel.serve({p.model.label: p.backend for p in v.plans})
+            return Results(exp.name, db, [], exp.config_hash(), worker=True)
+    try:
+        for notice in v.notices:
+            say(f"notice: {notice}")
+        say(f"validate: {v.summary()}")
+        if parallel is not None:
+            say(f"evaluate: data-parallel over {parallel.world} processes (local models; API models from the "
+                "main process)")
+        created = not db.exists()
+        store = open_store(db)  # only now: bad input leaves the database untouched
+        stopped: LabscaleError | None = None
+        runner = None
         try:
-            runner.run_all(plans)
-            store.finish_experiment(exp_id)
-        except LabscaleError as e:  # e.g. the cost limit, a rejected API key: report what is done, then fail
-            stopped = e
+            try:
+                adapted = adapt(v, store, say)
+            except BaseException:
+                # a refused adaptation (e.g. over budget) before any model call leaves no new database behind
+                if created and not any(store.counts()[t] for t in ("generations", "loglikelihoods")):
+                    store.close()
+                    for suffix in ("", "-wal", "-shm"):
+                        Path(f"{db}{suffix}").unlink(missing_ok=True)
+                raise
+            plans = plan(v, adapted)
+            if adapted:
+                say(f"plan: {len(plans)} runs ({len(plans) - len(v.plans)} of adapted models)")
+            for line in warnings(plans):
+                say(f"warning: {line}")
+            config = exp.model_dump(mode="json")
+            if limit:
+                config["limit"] = limit
+            env = environment()
+            if parallel is not None:
+                env["processes"] = parallel.world
+            exp_id = store.begin_experiment(exp.name, exp.config_hash(), config, env,
+                                            [p.record() for p in plans], v.notices)
+            runner = Runner(store, console, exp.bootstrap_samples, exp.cost_limit,
+                            executor=parallel if parallel is not None else LOCAL)
+            estimate = runner.estimate(plans)
+            requests, cached = sum(n for n, _ in estimate), sum(c for _, c in estimate)
+            say(f"evaluate: {len(plans)} runs, {requests} requests ({cached} cached, {requests - cached} to make)")
+            try:
+                runner.run_all(plans)
+                store.finish_experiment(exp_id)
+            except LabscaleError as e:  # e.g. the cost limit, a rejected API key: report what is done, then fail
+                stopped = e
+        finally:
+            store.close()
     finally:
-        store.close()
+        if parallel is not None:
+            parallel.finish()  # the workers exit
     if runner is None:  # stopped while adapting: nothing was evaluated in this invocation
         raise stopped if stopped is not None else LabscaleError("the experiment stopped before evaluating")
     report = write_report(db)

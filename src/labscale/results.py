@@ -64,6 +64,7 @@ class Results:
     generations: object | None = None  # engine.runner.Counts of this invocation (run_experiment only)
     loglikelihoods: object | None = None
     stopped: LabscaleError | None = None  # why the evaluation stopped early (cost limit, rejected key)
+    worker: bool = False  # returned to a data-parallel worker process: the main process has the results
 
     @property
     def unanswered(self) -> list[Run]:

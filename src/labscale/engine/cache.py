@@ -7,6 +7,9 @@ time, and commits every batch to the store as soon as it returns, so a killed pr
 flight and a re-run repeats no finished call. For a priced model every batch is first admitted by the spending
 cap (worst case: the prompt's tokens and the whole max_new_tokens), and what stored calls cost counts against it
 once. Failed requests (API errors after retries) are returned, not cached, so a re-run retries them.
+
+Where the calls run is the `executor`'s business (engine/parallel.py): in this process, or — in a data-parallel
+launch — one batch per process at a time, each exactly a batch this process would have run.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from labscale.efficiency.cost import SpendingCap, cost_usd
+from labscale.engine.parallel import LOCAL, Executor
 from labscale.engine.store import Store
 from labscale.hashing import sha
 from labscale.models.base import DecodingParams, GenerationRequest, ModelBackend
@@ -52,10 +56,12 @@ class CachedCalls:
 
 
 class GenerationCache:
-    def __init__(self, store: Store, counts: Counts | None = None, cap: SpendingCap | None = None):
+    def __init__(self, store: Store, counts: Counts | None = None, cap: SpendingCap | None = None,
+                 executor: Executor = LOCAL):
         self.store = store
         self.counts = counts if counts is not None else Counts()
         self.cap = cap if cap is not None else SpendingCap(None)
+        self.executor = executor
 
     def generate(self, backend: ModelBackend, prompts: list[tuple[str, int]], decoding: DecodingParams,
                  batch_size: int, advance: Callable[[int], None] = lambda n: None) -> CachedCalls:
@@ -76,13 +82,15 @@ class GenerationCache:
         advance(hits)
         calls = CachedCalls(keys)
         pending = sorted(todo.items(), key=lambda kv: -kv[1][1])  # longest prompts first
+        width = self.executor.width_for(backend)
         while pending:
-            chunk = pending[:batch_size]
+            chunk = pending[:batch_size * width]
             if price is not None:  # spending: admit only what fits under the cap, worst case
                 worst = [cost_usd(price, tokens, decoding.max_new_tokens) or 0.0 for _, (_, tokens) in chunk]
                 chunk = chunk[: self.cap.admit(worst)]
             pending = pending[len(chunk):]
-            results = backend.generate([GenerationRequest(prompt, decoding) for _, (prompt, _) in chunk])
+            results = self.executor.generate(backend, [GenerationRequest(prompt, decoding) for _, (prompt, _) in chunk],
+                                             batch_size)
             self.store.put_generations([
                 {"key": key, "model_fingerprint": fp, "prompt": prompt, "params": params, "text": r.text,
                  "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens, "latency_s": r.latency_s,

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from labscale.answers import parse_answer
 from labscale.engine.cache import Counts, GenerationCache, generation_key, loglikelihood_key
+from labscale.engine.parallel import LOCAL, Executor
 from labscale.engine.plan import RunPlan
 from labscale.engine.store import Store
 from labscale.example import UNPARSEABLE, Outcome
@@ -86,10 +87,13 @@ class PlainProgress:
 
 
 class Runner:
+    """`executor`: where model calls run (engine/parallel.py; in this process by default)."""
+
     def __init__(self, store: Store, console: Console | None = None, bootstrap_samples: int = 1000,
-                 cost_limit: float | None = None):
+                 cost_limit: float | None = None, executor: Executor = LOCAL):
         from labscale.efficiency.cost import SpendingCap
 
+        self.executor = executor
         self.store = store
         self.console = console or Console(stderr=True)
         self.bootstrap_samples = bootstrap_samples
@@ -140,7 +144,7 @@ class Runner:
                     self._run(plan, lambda n, bar=bar: progress.advance(bar, n))
                 # Free a model's weights once its last run is done.
                 if i + 1 == len(plans) or plans[i + 1].backend is not plan.backend:
-                    plan.backend.close()
+                    self.executor.close(plan.backend)
 
     def _run(self, plan: RunPlan, advance) -> None:
         from labscale.efficiency.meter import PeakRSS
@@ -163,7 +167,7 @@ class Runner:
     # -- model calls through the cache ---------------------------------------------------------------------
 
     def _generate(self, plan: RunPlan, advance):
-        calls = GenerationCache(self.store, self.generations, self.cap).generate(
+        calls = GenerationCache(self.store, self.generations, self.cap, self.executor).generate(
             plan.backend, [(it.prompt, it.tokens) for it in plan.items], plan.decoding, plan.model.batch_size, advance)
         self._retries += calls.retries
         outcomes = []
@@ -192,8 +196,9 @@ class Runner:
         advance(done_examples)
         pending = sorted(todo.items(), key=lambda kv: -kv[1][2])
         size = plan.model.batch_size * 4  # cheap forward passes: larger commits
-        for chunk in _chunks(pending, size):
-            results = plan.backend.loglikelihood([LoglikelihoodRequest(ctx, c) for _, (ctx, c, _) in chunk])
+        for chunk in _chunks(pending, size * self.executor.width_for(plan.backend)):
+            results = self.executor.loglikelihood(
+                plan.backend, [LoglikelihoodRequest(ctx, c) for _, (ctx, c, _) in chunk], size)
             self.store.put_loglikelihoods([
                 {"key": key, "model_fingerprint": fp, "context": ctx, "continuation": c, "logprob": r.logprob,
                  "is_greedy": r.is_greedy, "n_tokens": r.n_tokens, "compute_s": r.compute_s}
@@ -256,6 +261,8 @@ class Runner:
         eff = {"examples": n, "compute_s": compute_s, "wall_s": wall_s, "peak_rss_bytes": peak_rss,
                "peak_accelerator_bytes": plan.backend.peak_memory_bytes(),
                "examples_per_s": n / compute_s if compute_s > 0 else None}
+        if self.executor.width_for(plan.backend) > 1:  # compute_s sums every process's time
+            eff["processes"] = self.executor.width_for(plan.backend)
         if plan.protocol == "generate":
             new_tokens = sum(r["new_tokens"] for r in records)
             eff.update(

@@ -95,6 +95,7 @@ class ModelInfo:
     price: TokenPrice | None = None  # per million tokens; None = no per-token price (local, or unknown for an API)
     context_known: bool = True  # False: context_length is a placeholder and prompts are not checked against it
     adaptation: dict | None = None  # how an adapted model was made (its card summary), for the report
+    notice: str | None = None  # a line the experiment shows and records (e.g. a protocol fallback)
     extra: dict = field(default_factory=dict)
 
 

@@ -160,6 +160,39 @@ def source_files(name: str) -> list[Path] | None:
     return None if any(p is None for p in paths) else paths  # type: ignore[return-value]
 
 
+def gguf_file(name: str) -> Path:
+    """The model's GGUF as one file, for engines that read GGUF directly (llama.cpp): the packaged file of a
+    one-part model; a model in parts is joined once into `labscale_home()/gguf/` (size and sha256 checked) and
+    reused. ModelError when its package is not installed."""
+    m = _get(name)
+    files = source_files(name)
+    if files is None:
+        raise _not_installed(m)
+    if len(files) == 1:
+        return files[0]
+    final = labscale_home() / "gguf" / m.gguf_name
+    stamp = final.with_name(final.name + ".parts.json")
+    recorded = [{"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    if final.is_file() and final.stat().st_size == m.size and _read_json(stamp) == recorded:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.joining-", dir=final.parent))
+    try:
+        _join_parts(m, files, tmp / m.gguf_name)
+        os.replace(tmp / m.gguf_name, final)
+        stamp.write_text(json.dumps(recorded))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def converted_dir(name: str) -> Path:
     _get(name)
     return labscale_home() / "models" / name

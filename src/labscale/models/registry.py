@@ -1,10 +1,11 @@
 """From an experiment's model entry to a backend: `resolve_model(spec)`.
 
 Model ids are `<prefix>:<rest>`. Each prefix maps to a `Backend` entry in `FACTORIES`; add a backend by adding an
-entry (`embedded:`, `hf:`, `openai:` for OpenAI-compatible APIs, `adapter:` for a LoRA adapter folder). An entry
-marked `remote` takes the API fields of a model entry (base_url, api_key_env, optional, price, …) and has its key
-checked before any work starts; everything else about a backend (log-likelihoods, price, context) is read from
-its typed `ModelInfo`.
+entry (`embedded:`, `hf:`, `openai:` for OpenAI-compatible APIs, `adapter:` for a LoRA adapter folder,
+`llamacpp:` for a GGUF file served by a local llama-server). An entry lists the optional model-entry fields it
+takes (`takes`: the API fields for `openai:`, `device_map` for local transformers models, `server` for
+`llamacpp:`); an entry marked `remote` has its key checked before any work starts. Everything else about a backend
+(log-likelihoods, price, context) is read from its typed `ModelInfo`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from labscale.models.base import ModelBackend
 Factory = Callable[[ModelSpec, str], ModelBackend]  # (spec, the id after the prefix) -> backend
 
 
+# Optional fields of a model entry that only some backends take (set on another backend's entry: an error).
+ENTRY_FIELDS = (*API_FIELDS, "optional", "loglikelihood", "loglikelihood_fallback", "device_map", "server")
+LOCAL_FIELDS = ("device_map",)
+
+
 @dataclass(frozen=True)
 class Backend:
     factory: Factory
-    remote: bool = False  # an API: the entry's API fields apply, and its key must be set (or the model optional)
+    remote: bool = False  # an API: its key must be set (or the model optional)
+    takes: tuple[str, ...] = ()  # of ENTRY_FIELDS, the ones this backend's entries may set
 
 
 def _embedded(spec: ModelSpec, name: str) -> ModelBackend:
@@ -62,11 +69,19 @@ def _openai(spec: ModelSpec, model: str) -> ModelBackend:
     return OpenAIBackend(spec, model)
 
 
+def _llamacpp(spec: ModelSpec, source: str) -> ModelBackend:
+    from labscale.models.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(spec, source)
+
+
 FACTORIES: dict[str, Backend] = {
-    "embedded": Backend(_embedded),
-    "hf": Backend(_hf),
-    "openai": Backend(_openai, remote=True),
-    "adapter": Backend(_adapter),
+    "embedded": Backend(_embedded, takes=LOCAL_FIELDS),
+    "hf": Backend(_hf, takes=LOCAL_FIELDS),
+    "openai": Backend(_openai, remote=True,
+                      takes=(*API_FIELDS, "optional", "loglikelihood", "loglikelihood_fallback")),
+    "adapter": Backend(_adapter, takes=LOCAL_FIELDS),
+    "llamacpp": Backend(_llamacpp, takes=("server",)),
 }
 
 
@@ -78,8 +93,8 @@ def _entry(spec: ModelSpec) -> tuple[Backend, str]:
         raise ConfigError(
             f"unknown model '{spec.id}'",
             (f"did you mean '{close}:{rest}'? " if close else "") +
-            "use embedded:<name> (see `labscale models`), hf:<hub id or local path>, adapter:<folder> or "
-            "openai:<API model>",
+            "use embedded:<name> (see `labscale models`), hf:<hub id or local path>, adapter:<folder>, "
+            "llamacpp:<file.gguf or embedded:name> or openai:<API model>",
         )
     return entry, rest
 
@@ -89,13 +104,18 @@ def is_remote(spec: ModelSpec) -> bool:
 
 
 def check_fields(spec: ModelSpec) -> None:
-    """API fields on a local model's entry are a mistake, not something to ignore."""
-    if is_remote(spec):
+    """A field on an entry whose backend does not take it (e.g. base_url on a local model) is a mistake, not
+    something to ignore."""
+    entry, _ = _entry(spec)
+    defaults = ModelSpec.model_fields
+    given = [f for f in ENTRY_FIELDS if getattr(spec, f) != defaults[f].default and f not in entry.takes]
+    if not given:
         return
-    given = [f for f in API_FIELDS if getattr(spec, f) is not None] + (["optional"] if spec.optional else [])
-    if given:
-        raise ConfigError(f"model '{spec.label}': {', '.join(given)} only apply to openai:<model> entries "
-                          "(remote API models)", "remove them from this model's entry")
+    where = [p for p, b in FACTORIES.items() if given[0] in b.takes]
+    owners = "openai:<model> entries (remote API models)" if where == ["openai"] else \
+        " / ".join(f"{p}:" for p in where) + " entries"
+    raise ConfigError(f"model '{spec.label}': {', '.join(given)} only apply to {owners}",
+                      "remove them from this model's entry")
 
 
 def missing_key(spec: ModelSpec) -> str | None:

@@ -6,6 +6,18 @@ to the `Batcher`. Handlers are async and only await the batcher's futures. Strea
 events in OpenAI's chunk format, fed token by token from the decode loop when the backend supports it (text is
 released by `TextStream`), ending with `data: [DONE]`.
 
+Log-probabilities. `/v1/completions` with `echo: true` and `logprobs: N` returns every prompt token's
+log-probability (None for the first) and its top N alternatives, as vLLM does — what lm-evaluation-harness's
+`local-completions` and labscale's own `loglikelihood: completions` mode sum into a continuation's
+log-likelihood; `max_tokens: 0` scores the prompt only, and `max_tokens: 1` at temperature 0 takes the greedy next
+token from the same forward pass. Other requests with `logprobs` (and chat's `logprobs` / `top_logprobs`) generate
+as usual, then score prompt + completion in one teacher-forced pass (models/hf/scoring.py) for the completion
+tokens' log-probabilities. Scoring runs on its own worker thread beside the batcher, on the served model (or an
+`adapter:` model's pinned adapter); on a server with `--adapter` adapters it is refused (400), because adapters
+switch per batch. Prompts may be token ids (decoded to text for generation; scored as sent) and completions may
+take several prompts (one choice each, by index). `text_offset` counts characters of the echoed text (of the
+completion text without echo); for a token-id prompt, from the tokens' decoded lengths.
+
 Every /v1 route needs `Authorization: Bearer <key>` when the app has an API key; bodies above `max_body_bytes`
 get 413. Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: a request the model code
 cannot take is a 400 naming the field (protocol.py), never a 500.
@@ -22,6 +34,7 @@ import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,6 +55,7 @@ from labscale.serve.protocol import (
     parse,
     shutting_down,
 )
+from labscale.serve.logprobs import PromptScorer
 from labscale.serve.shutdown import DEFAULT_GRACE_S, Shutdown
 from labscale.serve.stream import TextStream
 
@@ -141,6 +155,8 @@ def create_app(
         return tok.decode(ids, skip_special_tokens=True)
 
     shutdown = Shutdown(batcher, grace_s, log=log)
+    scorer = PromptScorer(backend, context_length, bool(adapters))
+    scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labscale-scorer")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,6 +166,11 @@ def create_app(
         finally:
             # after a drain nothing is pending; otherwise (no drain) cancel what is left, then join the worker
             await asyncio.to_thread(batcher.stop, 0.0, WORKER_JOIN_S)
+            scoring.shutdown(wait=True, cancel_futures=True)
+
+    async def score(fn, *args):
+        """Run scorer work on the scoring thread."""
+        return await asyncio.get_running_loop().run_in_executor(scoring, fn, *args)
 
     app = FastAPI(title="labscale serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.shutdown = shutdown
@@ -306,11 +327,16 @@ def create_app(
         gen = await asyncio.to_thread(prepare, req, messages)
         if req.stream:
             return stream(req, gen, "chat")
+        if req.top_n is not None:
+            scorer.check(gen.adapter)
         r = await run(gen)
+        logprobs = None
+        if req.top_n is not None:
+            logprobs = await score(scorer.chat_logprobs, gen.prompt, r.text, req.top_n)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": req.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs,
                          "finish_reason": r.finish_reason}],
             "usage": _usage(r),
         }
@@ -318,17 +344,44 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = parse(CompletionRequest, await body(request))
-        adapter_for(req.model)
-        gen = await asyncio.to_thread(prepare, req, req.text)
+        adapter = adapter_for(req.model)
+        prompts = [await asyncio.to_thread(scorer.prompt_text, p, "prompt" if len(req.prompts) == 1 else
+                                           f"prompt.{i}") for i, p in enumerate(req.prompts)]
         if req.stream:
+            gen = await asyncio.to_thread(prepare, req, prompts[0])
             return stream(req, gen, "completion")
-        r = await run(gen)
+        if req.logprobs is not None:
+            scorer.check(adapter)
+        choices = await asyncio.gather(*[completion_choice(req, i, p, t) for i, (p, t) in
+                                         enumerate(zip(req.prompts, prompts))])
+        usage = {"prompt_tokens": sum(c.pop("_prompt_tokens") for c in choices),
+                 "completion_tokens": sum(c.pop("_completion_tokens") for c in choices)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": req.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}],
-            "usage": _usage(r),
+            "model": req.model, "system_fingerprint": None, "choices": list(choices), "usage": usage,
         }
+
+    async def completion_choice(req: CompletionRequest, index: int, prompt: str | list[int], text: str) -> dict:
+        """One prompt's choice: generated through the batcher, scored on the scoring thread where asked."""
+        field = "prompt" if len(req.prompts) == 1 else f"prompt.{index}"
+        echo = bool(req.echo)
+        if req.logprobs is not None:
+            fast = await score(scorer.echo_fast, req, prompt, text, field)
+            if fast is not None:  # max_tokens 0, or one greedy token: no generation needed
+                fast["index"] = index
+                return fast
+        if req.max_tokens == 0:  # echo without logprobs, nothing to generate
+            return {"index": index, "text": text if echo else "", "logprobs": None, "finish_reason": "length",
+                    "_prompt_tokens": await asyncio.to_thread(backend.count_tokens, text), "_completion_tokens": 0}
+        gen = await asyncio.to_thread(prepare, req, text)
+        r = await run(gen)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = await score(scorer.completion_logprobs, prompt, text, r.text, req.logprobs, echo, field)
+        return {"index": index, "text": (text if echo else "") + r.text, "logprobs": logprobs,
+                "finish_reason": r.finish_reason, "_prompt_tokens": r.prompt_tokens,
+                "_completion_tokens": r.new_tokens}
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, shutdown=shutdown)
     return app

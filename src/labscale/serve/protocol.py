@@ -4,25 +4,31 @@ Every value the model code cannot take is refused here with a 400 that names the
 fail later as a 500. The bounds, all explicit below:
 
 - `model`: a string (an unknown name is 404). `messages` (chat): 1 or more; role one of system, developer, user,
-  assistant, tool; content a string, null, or a list of text parts. `prompt` (completions): one string (or a
-  one-element list). No text may hold a lone UTF-16 surrogate (`"\\ud800"`: not encodable). A prompt with no
-  tokens is refused; a prompt that fills the context is a 400 (`code: context_length_exceeded`).
-- `max_tokens` / `max_completion_tokens`: an integer, 1 … MAX_TOKENS, and prompt + completion must fit the
-  model's context (checked once the prompt is counted: `max_tokens_for`).
+  assistant, tool; content a string, null, or a list of text parts. `prompt` (completions): a string, a list of
+  token ids, or a list of up to MAX_PROMPTS strings or token-id lists (one choice per prompt, in order; as the
+  OpenAI API allows and lm-evaluation-harness sends). Token ids are integers in [0, vocabulary size). No text may
+  hold a lone UTF-16 surrogate (`"\\ud800"`: not encodable). A prompt with no tokens is refused; a prompt that
+  fills the context is a 400 (`code: context_length_exceeded`).
+- `max_tokens` / `max_completion_tokens`: an integer, 1 … MAX_TOKENS (0 too, on completions with `echo: true`:
+  score the prompt, generate nothing), and prompt + completion must fit the model's context (checked once the
+  prompt is counted: `max_tokens_for`).
+- Log-probabilities. Completions: `logprobs` an integer 0 … MAX_LOGPROBS (that many top alternatives per token),
+  `echo` a boolean (the prompt's tokens and their log-probabilities come back before the completion's). Chat:
+  `logprobs` a boolean, `top_logprobs` 0 … MAX_LOGPROBS, only with `logprobs: true`. Not with `stream: true`.
 - `temperature`: a finite number in [0, 2]; below MIN_TEMPERATURE it is greedy (0), its limit: dividing logits by
   a temperature like 1e-100 overflows to infinity. `top_p`: a finite number in (0, 1]. No NaN or infinity
   (Python's JSON reader accepts the literals `NaN` and `Infinity`; they are refused here).
 - `seed`: an integer in [0, MAX_SEED] (torch seeds are 64-bit).
 - `stop`: a string or a list of at most MAX_STOPS strings, each 1 … MAX_STOP_CHARS characters.
 - `n` and completions' `best_of`: 1 only. `stream`, `echo`, `logprobs` (chat): booleans; `stream_options` only
-  with `stream: true`, its `include_usage` a boolean.
+  with `stream: true`, its `include_usage` a boolean. A streamed request has one prompt.
 - Integers must be JSON integers and booleans JSON booleans (`true` is not 1, `2.0` is not 2).
 
 Unknown fields. Fields labscale does not implement are ignored, as long as ignoring them cannot change the answer
 (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`, unknown vendor extensions, …): that keeps
 clients written for other servers working. Known OpenAI (and vLLM) fields that would change the answer are
 refused with a 400 naming them when set to anything but their neutral value (`UNSUPPORTED`: `logit_bias`,
-`frequency_penalty`, `presence_penalty`, log-probabilities, tools, `response_format` other than text, `suffix`,
+`frequency_penalty`, `presence_penalty`, tools, `response_format` other than text, `suffix`,
 `top_k`, `min_p`, `repetition_penalty`, …). Defaults follow OpenAI: temperature 1, top_p 1; `seed` defaults to 0,
 so sampling is reproducible for the same batch.
 """
@@ -42,6 +48,8 @@ MAX_SEED = 2**63 - 1
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MIN_TEMPERATURE = 1e-5  # lower temperatures decode greedily
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's and OpenAI's chat limit)
+MAX_PROMPTS = 64  # prompts in one completions request
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -100,7 +108,6 @@ UNSUPPORTED_COMMON = {
 }
 UNSUPPORTED_CHAT = {
     **UNSUPPORTED_COMMON,
-    "top_logprobs": _neutral(0),
     "tools": lambda v: v is None or v == [],
     "functions": lambda v: v is None or v == [],
     "tool_choice": _neutral("none"),
@@ -119,7 +126,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
-    max_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: Int | None = Field(None, ge=0, le=MAX_TOKENS)  # 0: only for echo (CompletionRequest.check)
     temperature: Float | None = Field(None, ge=0, le=2)
     top_p: Float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -129,6 +136,9 @@ class _Request(BaseModel):
     n: Int | None = None
 
     def check(self) -> None:
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise APIError(400, "invalid 'max_tokens': must be at least 1 (0 only with echo: true, to score the "
+                                "prompt)", param="max_tokens")
         if self.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n")
         if self.stream_options is not None:
@@ -207,12 +217,20 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check(self) -> None:
         super().check()
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.logprobs and self.stream:
+            raise APIError(400, "logprobs are not streamed; send stream: false", param="logprobs")
         self.chat_messages()
+
+    @property
+    def top_n(self) -> int | None:
+        """Top alternatives per completion token, or None when no log-probabilities are asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> dict:
         return UNSUPPORTED_CHAT
@@ -224,30 +242,58 @@ class ChatCompletionRequest(_Request):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+TokenIds = list[Annotated[int, Strict()]]
+
+
 class CompletionRequest(_Request):
-    prompt: str | list[str]
-    logprobs: Int | None = None
+    prompt: str | TokenIds | list[str] | list[TokenIds]
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Int | None = None
     echo: Bool | None = None
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise APIError(400, "only a single prompt string is supported", param="prompt")
-        if self.logprobs is not None:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise APIError(400, "invalid 'prompt': the list is empty", param="prompt")
+        if len(self.prompts) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(self.prompts)}", param="prompt")
+        if self.stream and len(self.prompts) > 1:
+            raise APIError(400, "a streamed request takes one prompt", param="prompt")
+        if self.stream and (self.logprobs is not None or self.echo):
+            raise APIError(400, "logprobs and echo are not streamed; send stream: false", param="logprobs")
         if self.best_of not in (None, 1):
             raise APIError(400, "only best_of=1 is supported", param="best_of")
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        check_text(self.text, "prompt")
+        for i, p in enumerate(self.prompts):
+            where = "prompt" if not isinstance(self.prompt, list) or len(self.prompts) == 1 else f"prompt.{i}"
+            if isinstance(p, str):
+                check_text(p, where)
+            elif not p:
+                raise APIError(400, f"invalid '{where}': no token ids", param=where)
 
     def unsupported(self) -> dict:
         return UNSUPPORTED_COMPLETION
 
     @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    @property
     def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The one text prompt (callers check `prompts` first)."""
+        first = self.prompts[0]
+        assert isinstance(first, str)
+        return first
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The prompt's own log-probabilities are asked for (echo with logprobs)."""
+        return bool(self.echo) and self.logprobs is not None
 
 
 def _param(loc: tuple) -> str:

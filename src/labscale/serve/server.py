@@ -27,8 +27,9 @@ def load_backend(model: str, adapters: dict[str, str], batch_size: int):
     from labscale.models.hf import HFBackend
     from labscale.models.registry import resolve_model
 
-    if not model.startswith(("embedded:", "hf:")):
-        raise ModelError(f"'{model}' is not a local model", "labscale serve serves embedded:<name> or hf:<id or path>")
+    if not model.startswith(("embedded:", "hf:", "adapter:")):
+        raise ModelError(f"'{model}' is not a local model",
+                         "labscale serve serves embedded:<name>, hf:<id or path> or adapter:<folder>")
     try:
         spec = ModelSpec(id=model, batch_size=batch_size)
     except ValueError as e:

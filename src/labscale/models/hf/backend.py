@@ -111,11 +111,21 @@ class HFBackend(ModelBackend):
             _ = self.tokenizer
             device = self.device
             compute = torch.bfloat16 if device.startswith("cuda") else torch.float32  # of 4-bit layers
-            model = self.loader.causal_lm(self.dtype, self.spec.quantization, compute, device_map={"": device})
+            spread = self.spec.device_map == "auto"  # accelerate: every visible GPU, then CPU memory
+            model = self.loader.causal_lm(self.dtype, self.spec.quantization, compute,
+                                          device_map="auto" if spread else {"": device})
             model.eval()
             if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
+                for i in range(torch.cuda.device_count()) if spread else [None]:
+                    torch.cuda.reset_peak_memory_stats(i)
             self._attach(model, ragged=True)
+            placed = set(str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()) or \
+                {str(model.device)}
+            if spread and len(placed) > 1:
+                # layers on several devices: transformers' own generate moves the KV cache between them
+                self.fast_decoder.suitable = False
+            if spread:
+                self._extra["device_map"] = sorted(placed)
         return self._model
 
     def _attach(self, model, ragged: bool) -> None:
@@ -221,7 +231,7 @@ class HFBackend(ModelBackend):
             context_length=int(ctx),
             parameters=self._parameters,
             dtype=str(self.dtype).removeprefix("torch."),
-            device=self.device,
+            device=f"auto ({self.device} first)" if self.spec.device_map == "auto" else self.device,
             quantization=None if self.spec.quantization == "none" else self.spec.quantization,
             extra={
                 "source": self.source,
@@ -297,5 +307,7 @@ class HFBackend(ModelBackend):
         import torch
 
         if self._model is not None and self.device.startswith("cuda") and torch.cuda.is_available():
+            if self.spec.device_map == "auto":  # spread over every GPU: their peaks added up
+                return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count()))
             return int(torch.cuda.max_memory_allocated())
         return None

@@ -38,11 +38,17 @@ def looks_like_local_path(s: str) -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """`auto` → cuda when available, else cpu; anything else as written."""
+    """`auto` → cuda when available (in a data-parallel launch, this process's GPU: cuda:$LOCAL_RANK), else cpu;
+    anything else as written."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        rank = os.environ.get("LOCAL_RANK")
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and rank and rank.isdigit():
+            return f"cuda:{int(rank) % torch.cuda.device_count()}"
+        return "cuda"
     return device
 
 
