@@ -513,6 +513,60 @@ def test_loglikelihood_greedy_continuation(tiny_llm):
         assert r.is_greedy and r.n_tokens == 4
 
 
+def test_shared_prefix_loglikelihoods_equal_plain_scoring(tiny_llm, monkeypatch):
+    """Multiple-choice requests are packed (one row per context, loglikelihood.py) and give the plain path's
+    log-probabilities: one-token and multi-token choices, several contexts in a batch, a duplicate, a context
+    that needs left truncation (scored plainly), and a backend where packing is switched off."""
+    from labscale.models.hf import loglikelihood as ll
+
+    contexts = ["Question: what colour is the sky? Answer:", "Doctor: How are you feeling today? Patient:", "Q:"]
+    choices = [" blue", " a very long and winding answer about nothing", " I have had a headache since monday", " no"]
+    reqs = [LoglikelihoodRequest(c, ch) for c in contexts for ch in choices] + [LoglikelihoodRequest("Q:", " no")]
+    packed_backend = backend(tiny_llm, batch_size=2)
+    calls = {"packed": 0}
+    real = ll.score_packed
+
+    def counting(*a, **k):
+        calls["packed"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ll, "score_packed", counting)
+    packed = packed_backend.loglikelihood(reqs)
+    assert calls["packed"] == 2 and packed_backend.pack_verified is True  # 3 rows in batches of 2
+    plain_backend = backend(tiny_llm, batch_size=2)
+    plain_backend.pack_loglikelihoods = False
+    plain = plain_backend.loglikelihood(reqs)
+    assert calls["packed"] == 2
+    for req, a, b in zip(reqs, packed, plain):
+        assert math.isclose(a.logprob, b.logprob, rel_tol=1e-5, abs_tol=1e-4), req
+        assert (a.is_greedy, a.n_tokens) == (b.is_greedy, b.n_tokens)
+        lp, greedy, n = manual_loglikelihood(plain_backend, req.context, req.continuation)
+        assert math.isclose(a.logprob, lp, rel_tol=1e-5, abs_tol=1e-4) and a.is_greedy == greedy
+    assert packed[-1].logprob == packed[len(choices) * 2 + 3].logprob  # the duplicate
+    # a context longer than the window is left-truncated, plainly; the rest of the batch is still packed
+    window = packed_backend.context_length
+    long = LoglikelihoodRequest("word " * (window + 10), " blue")
+    res = packed_backend.loglikelihood([long, reqs[0]])
+    assert res[0].logprob < 0 and math.isclose(res[1].logprob, packed[0].logprob, abs_tol=1e-4)
+
+
+def test_shared_prefix_check_falls_back_when_a_model_disagrees(tiny_llm, monkeypatch):
+    """The first packed batch is checked against plain scoring; on disagreement the backend scores plainly."""
+    from labscale.models.base import LoglikelihoodResult
+    from labscale.models.hf import loglikelihood as ll
+
+    real = ll.score_packed
+    monkeypatch.setattr(ll, "score_packed", lambda *a, **k: {key: LoglikelihoodResult(r.logprob - 1.0, r.is_greedy,
+                                                                                      r.n_tokens, r.compute_s)
+                                                             for key, r in real(*a, **k).items()})
+    b = backend(tiny_llm)
+    reqs = [LoglikelihoodRequest("The sky is", " blue"), LoglikelihoodRequest("The sky is", " very green")]
+    out = b.loglikelihood(reqs)
+    assert b.pack_verified is False and b.pack_loglikelihoods is False
+    for req, res in zip(reqs, out):
+        assert math.isclose(res.logprob, manual_loglikelihood(b, req.context, req.continuation)[0], abs_tol=1e-4)
+
+
 def test_quantized_4bit_on_cpu(tiny_llm):
     pytest.importorskip("bitsandbytes")
     b = backend(tiny_llm, quantization="4bit")

@@ -61,6 +61,10 @@ class HFBackend(ModelBackend):
         self._parameters: int | None = None
         self._logits_to_keep = False
         self.fast_decoder = FastDecoder()  # labscale's decode path and what it learnt about this model
+        # shared-prefix log-likelihood scoring (loglikelihood.py): whether it applies (None: not yet known) and
+        # whether the first batch agreed with plain scoring (None: not yet checked)
+        self.pack_loglikelihoods: bool | None = None
+        self.pack_verified: bool | None = None
         self.adapter_set = Adapters()  # LoRA adapters loaded onto the model
 
     # ----------------------------------------------------------------------------------------------- loading
