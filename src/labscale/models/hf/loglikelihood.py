@@ -22,8 +22,8 @@ positions are computed where the model accepts `logits_to_keep`. A packed row is
 (more choices go to more rows).
 
 Packing applies to decoder-only models with position ids, full attention everywhere (no sliding window: a custom
-mask replaces the model's own) and an SDPA or eager attention. The first batch of each backend is also scored the
-plain way and compared (`PACK_TOLERANCE`); a model that does not honour a custom 4-D mask falls back to the plain
+mask replaces the model's own) and an SDPA or eager attention. The first packed row of each backend is also scored
+the plain way and compared (`PACK_TOLERANCE`); a model that does not honour a custom 4-D mask falls back to the plain
 path for good. Requests that need left truncation are scored the plain way: one right-padded row each.
 """
 
@@ -124,8 +124,9 @@ def loglikelihood(
             batch = rows[start : start + bs]
             with oom_guard(backend.display_name, backend.device, len(batch)):
                 out = score_packed(model, batch, pad, keep)
-                if backend.pack_verified is None:
-                    backend.pack_verified = agrees(out, score_plain_keys(model, list(out), max_len, pad, keep))
+                if backend.pack_verified is None:  # the first row again, the plain way
+                    first = [(batch[0].ctx, cont) for cont in batch[0].conts]
+                    backend.pack_verified = agrees(out, score_plain_keys(model, first, max_len, pad, keep))
                     if not backend.pack_verified:
                         backend.pack_loglikelihoods = False
                         plain += [k for k in fits if k not in done]
@@ -143,8 +144,9 @@ def loglikelihood(
 
 
 def agrees(packed: dict[tuple, LoglikelihoodResult], plain: dict[tuple, LoglikelihoodResult]) -> bool:
-    return all(abs(packed[k].logprob - plain[k].logprob) <= PACK_TOLERANCE and packed[k].is_greedy == plain[k].is_greedy
-               for k in packed)
+    """Whether the packed results of the keys in `plain` equal those (within PACK_TOLERANCE)."""
+    return all(abs(packed[k].logprob - r.logprob) <= PACK_TOLERANCE and packed[k].is_greedy == r.is_greedy
+               for k, r in plain.items())
 
 
 def pack_rows(keys: list[tuple], max_len: int) -> list[_Row]:
