@@ -308,6 +308,74 @@ def test_batched_greedy_equals_one_at_a_time(tiny_llm, fast):
     assert b.fast_decoder.suitable is fast
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "hf-generate"])
+def test_continuous_batching_admits_requests_between_steps(tiny_llm, fast):
+    """`generate(..., admit=, on_result=)`: requests offered at later decode steps join the running batch, each
+    result is handed over as its row finishes, and greedy outputs equal one-at-a-time `model.generate` whatever
+    joined when — also with different budgets and stop strings in one batch. Without the fast path, admitted
+    requests run through `model.generate` as their own batch."""
+    b = backend(tiny_llm, batch_size=4)
+    if not fast:
+        b.fast_decoder.suitable = False
+    prompts = [chat(b, t) for t in PROMPTS]
+    budgets = [12, 3, 8, 12, 5, 10, 7]
+    reqs = [GenerationRequest(p, DecodingParams(max_new_tokens=n)) for p, n in zip(prompts, budgets)]
+    ref0 = b.tokenizer.decode(one_at_a_time(b, prompts[6], 7), skip_special_tokens=True)
+    stop = ref0[2:4] if len(ref0) > 4 and "\ufffd" not in ref0[:4] else None
+    if stop:  # the last request stops at a stop string
+        reqs[6] = GenerationRequest(prompts[6], DecodingParams(max_new_tokens=7, stop=(stop,)))
+    later = reqs[2:]
+    polls, offered, finished = [], [], []
+
+    def admit(n: int):
+        polls.append(n)
+        if len(polls) >= (3 if fast else 1) and later:  # from the third step on, two at a time as rows free up
+            take = later[: min(n, 2)]
+            del later[: len(take)]
+            offered.extend(take)
+            return take
+        return []
+
+    events = []
+    results = b.generate(reqs[:2], admit=admit, on_result=lambda i, r: (finished.append(i), events.append(("done", i))),
+                         on_token=lambda i, t: events.append(("token", i)))
+    assert not later and len(results) == len(reqs) and sorted(finished) == list(range(len(reqs)))
+    assert all(1 <= n <= 4 for n in polls)
+    if fast:  # request 2 joined while request 0 was decoding; request 1 (3 tokens) left before request 0 ended
+        assert events.index(("token", 2)) < len(events) - 1 - events[::-1].index(("token", 0))
+        assert results[0].new_tokens <= 3 or finished.index(1) < finished.index(0)
+        assert [e for e in events if e == ("token", 1)] == [("token", 1)] * results[1].new_tokens
+    order = reqs[:2] + offered
+    for req, r in zip(order, results):
+        ref = one_at_a_time(b, req.prompt, req.params.max_new_tokens)
+        text = b.tokenizer.decode(ref, skip_special_tokens=True)
+        if req.params.stop:
+            assert r.text == text[: text.find(stop)] and r.finish_reason == "stop"
+        else:
+            assert r.text == text and r.new_tokens == len(ref)
+        assert r.latency_s > 0 and 0 < r.compute_s <= r.latency_s
+
+
+def test_continuous_batching_cancel_and_bad_requests(tiny_llm):
+    """`should_stop` ends the running rows ("cancelled", tokens so far) and the requests not yet started; a bad
+    admitted request gets its error as its result and the others still run."""
+    from labscale.errors import ModelError
+
+    b = backend(tiny_llm, batch_size=2)
+    prompts = [chat(b, t) for t in PROMPTS[:3]]
+    steps = []
+    out = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=30)) for p in prompts],
+                     should_stop=lambda: steps.append(1) or len(steps) > 4, admit=lambda n: [],
+                     on_result=lambda i, r: None)
+    assert [r.finish_reason for r in out] == ["cancelled"] * 3
+    assert [r.new_tokens for r in out][:2] == [4, 4] and out[2].new_tokens == 0
+    bad = GenerationRequest(prompts[0], DecodingParams(max_new_tokens=5), adapter="nope")
+    got = {}
+    out = b.generate([GenerationRequest(prompts[1], DecodingParams(max_new_tokens=5))],
+                     admit=lambda n, q=[bad]: [q.pop()] if q else [], on_result=got.__setitem__)
+    assert isinstance(out[1], ModelError) and isinstance(got[1], ModelError) and got[0].new_tokens > 0
+
+
 def test_plan_buckets():
     from labscale.models.hf.fastdecode import plan_buckets
 

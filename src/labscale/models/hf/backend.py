@@ -29,7 +29,7 @@ from labscale.models.base import (
 from labscale.models.hf.adapters import Adapters
 from labscale.models.hf.encoding import Encoder
 from labscale.models.hf.fastdecode import FastDecoder
-from labscale.models.hf.generation import ShouldStop, TokenCallback
+from labscale.models.hf.generation import Admit, ResultCallback, ShouldStop, TokenCallback
 from labscale.models.hf.generation import generate as generate_requests
 from labscale.models.hf.loading import Loader, resolve_device, resolve_dtype
 from labscale.models.hf.loglikelihood import loglikelihood as score_requests
@@ -274,9 +274,12 @@ class HFBackend(ModelBackend):
         progress: Progress | None = None,
         on_token: TokenCallback | None = None,
         should_stop: ShouldStop | None = None,
+        admit: Admit | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[GenerationResult]:
-        """See generation.py: `on_token` streams new tokens, `should_stop` cancels (rows end "cancelled")."""
-        return generate_requests(self, requests, progress, on_token, should_stop)
+        """See generation.py: `on_token` streams new tokens, `should_stop` cancels (rows end "cancelled"),
+        `admit` / `on_result` batch continuously (requests join a running batch at the next decode step)."""
+        return generate_requests(self, requests, progress, on_token, should_stop, admit, on_result)
 
     def loglikelihood(
         self, requests: list[LoglikelihoodRequest], progress: Progress | None = None
