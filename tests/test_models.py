@@ -376,6 +376,53 @@ def test_continuous_batching_cancel_and_bad_requests(tiny_llm):
     assert isinstance(out[1], ModelError) and isinstance(got[1], ModelError) and got[0].new_tokens > 0
 
 
+def test_fast_paths_rest_on_these_transformers_internals(tiny_llm):
+    """labscale's decode path (fastdecode.py) and shared-prefix log-likelihoods (loglikelihood.py) use transformers
+    internals that a release may change. This pins each one, and the version they were verified and benchmarked
+    against: after an upgrade, re-run benchmarks/eval_throughput.py (labscale vs batched model.generate vs
+    transformers' continuous batching, identical outputs) and the exactness tests, then update VERIFIED."""
+    import inspect as insp
+
+    import transformers
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, _preprocess_mask_arguments, sdpa_mask
+
+    from labscale.models.hf import fastdecode
+
+    VERIFIED = "5.23.0"
+    assert transformers.__version__ == VERIFIED, (
+        f"transformers {transformers.__version__} is not the version labscale's decode path was verified with "
+        f"({VERIFIED}): re-run benchmarks/eval_throughput.py and tests/test_models.py, then update VERIFIED")
+    # the cache layer the preallocated buffers subclass, and the cache that holds them
+    layer = DynamicLayer()
+    for name in ("update", "get_seq_length", "crop", "batch_select_indices", "batch_repeat_interleave",
+                 "reorder_cache", "reset"):
+        assert callable(getattr(layer, name)), name
+    assert list(insp.signature(DynamicLayer.update).parameters)[:3] == ["self", "key_states", "value_states"]
+    cache = DynamicCache()
+    assert isinstance(cache.layers, list)
+    # the attention function ragged attention wraps, and the registries it is registered in
+    assert list(insp.signature(sdpa_attention_forward).parameters)[:5] == ["module", "query", "key", "value",
+                                                                          "attention_mask"]
+    assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register) and callable(sdpa_mask)
+    # a 4-D mask is taken as given (shared-prefix scoring passes its own)
+    assert "attention_mask" in insp.signature(_preprocess_mask_arguments).parameters
+    # the model side: explicit positions, a cache to fill, logits at chosen positions, kwargs reaching attention
+    b = backend(tiny_llm, batch_size=4)
+    params = insp.signature(b.model.forward).parameters
+    assert {"position_ids", "past_key_values", "logits_to_keep", "attention_mask"} <= set(params)
+    prompts = [chat(b, t) for t in PROMPTS[:4]]
+    out = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=8)) for p in prompts])
+    assert b.fast_decoder.suitable is True and b.fast_decoder.ragged and b.fast_decoder.ragged_verified
+    assert b.model.config._attn_implementation == fastdecode.RAGGED_ATTENTION
+    for p, r in zip(prompts, out):
+        assert r.text == b.tokenizer.decode(one_at_a_time(b, p, 8), skip_special_tokens=True)
+    b.loglikelihood([LoglikelihoodRequest("The sky is", " blue"), LoglikelihoodRequest("The sky is", " very red")])
+    assert b.pack_loglikelihoods is True and b.pack_verified is True
+
+
 def test_plan_buckets():
     from labscale.models.hf.fastdecode import plan_buckets
 
