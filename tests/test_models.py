@@ -336,9 +336,15 @@ def test_continuous_batching_admits_requests_between_steps(tiny_llm, fast):
             return take
         return []
 
-    events = []
-    results = b.generate(reqs[:2], admit=admit, on_result=lambda i, r: (finished.append(i), events.append(("done", i))),
-                         on_token=lambda i, t: events.append(("token", i)))
+    events, got = [], {}
+
+    def on_result(i, r):
+        finished.append(i)
+        events.append(("done", i))
+        got[i] = r
+
+    assert b.generate(reqs[:2], admit=admit, on_result=on_result, on_token=lambda i, t: events.append(("token", i))) == []
+    results = [got[i] for i in range(len(got))]
     assert not later and len(results) == len(reqs) and sorted(finished) == list(range(len(reqs)))
     assert all(1 <= n <= 4 for n in polls)
     if fast:  # request 2 joined while request 0 was decoding; request 1 (3 tokens) left before request 0 ended
@@ -363,17 +369,17 @@ def test_continuous_batching_cancel_and_bad_requests(tiny_llm):
 
     b = backend(tiny_llm, batch_size=2)
     prompts = [chat(b, t) for t in PROMPTS[:3]]
-    steps = []
-    out = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=30)) for p in prompts],
-                     should_stop=lambda: steps.append(1) or len(steps) > 4, admit=lambda n: [],
-                     on_result=lambda i, r: None)
+    steps, got = [], {}
+    b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=30)) for p in prompts],
+               should_stop=lambda: steps.append(1) or len(steps) > 4, admit=lambda n: [], on_result=got.__setitem__)
+    out = [got[i] for i in range(3)]
     assert [r.finish_reason for r in out] == ["cancelled"] * 3
     assert [r.new_tokens for r in out][:2] == [4, 4] and out[2].new_tokens == 0
     bad = GenerationRequest(prompts[0], DecodingParams(max_new_tokens=5), adapter="nope")
     got = {}
-    out = b.generate([GenerationRequest(prompts[1], DecodingParams(max_new_tokens=5))],
-                     admit=lambda n, q=[bad]: [q.pop()] if q else [], on_result=got.__setitem__)
-    assert isinstance(out[1], ModelError) and isinstance(got[1], ModelError) and got[0].new_tokens > 0
+    b.generate([GenerationRequest(prompts[1], DecodingParams(max_new_tokens=5))],
+               admit=lambda n, q=[bad]: [q.pop()] if q else [], on_result=got.__setitem__)
+    assert isinstance(got[1], ModelError) and got[0].new_tokens > 0
 
 
 def test_fast_paths_rest_on_these_transformers_internals(tiny_llm):

@@ -232,8 +232,8 @@ class Batcher:
 
     def _run_continuous(self, jobs: list[_Job]) -> None:
         """One `generate` call that admits queued requests at every decode step (see the module docstring)."""
-        order = list(jobs)  # request index -> job, as the backend numbers them
-        done = [False] * len(order)
+        order = dict(enumerate(jobs))  # request index (as the backend numbers them) -> job not yet answered
+        count = [len(jobs)]
 
         def admit(n: int) -> list[GenerationRequest]:
             if self._cancel.is_set() or self._held:
@@ -250,15 +250,16 @@ class Batcher:
                 if job.future.set_running_or_notify_cancel():
                     taken.append(job)
             if taken:
-                order.extend(taken)
-                done.extend([False] * len(taken))
+                for job in taken:
+                    order[count[0]] = job
+                    count[0] += 1
                 with self._cond:
                     self._running += len(taken)
                     self.stats.largest_batch = max(self.stats.largest_batch, self._running)
             return [j.request for j in taken]
 
         def on_result(i: int, res) -> None:
-            job, done[i] = order[i], True
+            job = order.pop(i)
             with self._cond:
                 self._running -= 1
                 self.stats.requests += 1
@@ -273,12 +274,12 @@ class Batcher:
         kw: dict = {"admit": admit, "on_result": on_result}
         if self.streams:
             def on_token(i: int, token: int) -> None:
-                cb = order[i].on_token
-                if cb is not None:
+                job = order.get(i)
+                if job is not None and job.on_token is not None:
                     try:
-                        cb(token)
+                        job.on_token(token)
                     except Exception:  # noqa: BLE001 - a broken stream must not fail the batch
-                        order[i].on_token = None
+                        job.on_token = None
 
             kw["on_token"] = on_token
         if self.cancellable:
@@ -290,19 +291,18 @@ class Batcher:
         try:
             self.backend.generate([j.request for j in jobs], **kw)
         except BaseException as e:  # noqa: BLE001 - handed to every request still waiting
-            for i, job in enumerate(order):
-                if not done[i]:
-                    job.future.set_exception(e)
-                    with self._cond:
-                        self.stats.requests += 1
+            for job in order.values():
+                job.future.set_exception(e)
+                with self._cond:
+                    self.stats.requests += 1
+            order.clear()
         finally:
             with self._cond:
                 self._running = 0
                 self.stats.batches += 1
                 self.stats.busy_s += time.perf_counter() - t0
-        for i, job in enumerate(order):  # a backend that returned without answering every request
-            if not done[i] and not job.future.done():
-                job.future.set_exception(RuntimeError("the backend returned no result for the request"))
+        for job in order.values():  # a backend that returned without answering every request
+            job.future.set_exception(RuntimeError("the backend returned no result for the request"))
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         kw: dict = {}

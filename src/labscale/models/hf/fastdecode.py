@@ -378,8 +378,9 @@ class DecodeBatch:
     batch, except for floating-point rounding (as with any change of batch shape).
 
     `gen[i]` / `reason[i]`: the tokens and finish reason of request `i` ("stop", "length", "cancelled"); `step`
-    returns the requests that finished in it. `forward_for(names)` gives the forward to call for per-row adapter
-    names (None when no row has one)."""
+    returns the requests that finished in it, and `take(i)` hands over (and forgets) a finished request's tokens
+    and reason, so that a batch that runs for hours keeps no state of requests long gone. `forward_for(names)`
+    gives the forward to call for per-row adapter names (None when no row has one)."""
 
     def __init__(self, decoder: FastDecoder, forward_for: Forward, eos: set[int], pad: int, tokenizer,
                  on_token: TokenCallback | None = None):
@@ -409,6 +410,17 @@ class DecodeBatch:
         """Steps the longest-running live row may still take."""
         return max((self.params[j].max_new_tokens - len(self.gen[j]) for k, j in enumerate(self.rows)
                     if self.live[k]), default=0)
+
+    def take(self, j: int) -> tuple[list[int], str]:
+        """The tokens and finish reason of finished request `j`, forgotten here."""
+        return self.gen.pop(j), self.reason.pop(j)
+
+    def _prune(self) -> None:
+        """Forget the parameters and adapter names of requests no longer in the tensor rows."""
+        keep = set(self.rows)
+        for d in (self.params, self.names):
+            for j in [j for j in d if j not in keep]:
+                del d[j]
 
     def _names(self) -> list[str] | None:
         names = [self.names[j] for j in self.rows]
@@ -440,6 +452,7 @@ class DecodeBatch:
             self.pos = torch.tensor([len(ids) - 1 for ids in prompts], dtype=torch.long, device=device)
             self.cur = torch.tensor([ids[-1] for ids in prompts], dtype=torch.long, device=device)
             self.rows, self.live = list(indices), [True] * len(prompts)
+            self._prune()
             self._replan(cached + budget // 2)
             return True
         self._merge(prompts, names, indices)
@@ -499,6 +512,7 @@ class DecodeBatch:
         self.pos = torch.tensor(pos, dtype=torch.long, device=device)
         self.cur = torch.tensor(cur, dtype=torch.long, device=device)
         self.rows, self.live, self.n = rows, [True] * len(combined), width
+        self._prune()
         self._replan(width + budget // 2)
 
     def _replan(self, length: int) -> None:
@@ -592,6 +606,7 @@ class DecodeBatch:
             self.rows = [self.rows[k] for k in keep]
             self.starts = [self.starts[k] for k in keep]
             self.live = [True] * len(keep)
+            self._prune()
             self._replan(self.n + (remaining + 1) // 2)
         return finished
 

@@ -24,8 +24,9 @@ Continuous batching. `generate(..., admit=f, on_result=g)` keeps one batch decod
 rows of `spec.batch_size`), which are prefilled and join the batch at that step (fastdecode.py `DecodeBatch`); a
 request that finishes leaves the batch at once and is handed to `on_result(index, result)` (indices: `requests`
 first, then admitted requests in the order admitted). Requests with different decoding parameters and adapters
-share the batch. The call returns, with every result in index order, once the batch is empty and `admit` offers
-nothing. A request that cannot run (unknown adapter, too long) gets its ModelError as its result instead of
+share the batch. The call returns once the batch is empty and `admit` offers nothing; results are handed to
+`on_result` only (the call returns an empty list, and keeps nothing of a request once it is handed over: a
+server's generation can run for as long as requests keep coming). A request that cannot run (unknown adapter, too long) gets its ModelError as its result instead of
 failing the others. Models the fast path does not suit run each admitted group through `model.generate`.
 `latency_s` is then the request's time from joining to finishing and `compute_s` its share of the steps and
 prefill it took part in.
@@ -62,7 +63,7 @@ def generate(
     on_result: ResultCallback | None = None,
 ) -> list[GenerationResult]:
     """Results in request order (see the module docstring)."""
-    if admit is not None or on_result is not None:
+    if on_result is not None:
         return generate_continuous(backend, requests, progress, on_token, should_stop, admit, on_result)
     if not requests:
         return []
@@ -157,7 +158,7 @@ def generate_continuous(
     on_token: TokenCallback | None,
     should_stop: ShouldStop | None,
     admit: Admit | None,
-    on_result: ResultCallback | None,
+    on_result: ResultCallback,
 ) -> list:
     """Continuous batching (see the module docstring)."""
     import contextlib
@@ -176,15 +177,16 @@ def generate_continuous(
     # With (unpinned) adapters loaded every row names its adapter (the base rows "__base__") and adapter layers
     # stay on for the call: a base row then computes exactly the base model, and rows of any adapter share steps.
     per_row = adapter_set.peft is not None and adapter_set.pinned is None
-    every: list[GenerationRequest] = []
-    results: list = []
+    every: dict[int, GenerationRequest] = {}  # requests not yet handed over, by index
+    count = [0]
     encoded: dict[int, list[int]] = {}
     joined: dict[int, float] = {}
     compute: dict[int, float] = {}
     waiting: list[int] = []
 
     def deliver(i: int, res) -> None:
-        results[i] = res
+        for d in (every, encoded, joined, compute):
+            d.pop(i, None)
         if on_result is not None:
             on_result(i, res)
         if progress is not None:
@@ -192,9 +194,9 @@ def generate_continuous(
 
     def take(new: list[GenerationRequest]) -> None:
         for r in new:
-            i = len(every)
-            every.append(r)
-            results.append(None)
+            i = count[0]
+            count[0] += 1
+            every[i] = r
             try:
                 adapter_set.check([r.adapter])
                 ids = backend.encode(r.prompt)
@@ -212,7 +214,7 @@ def generate_continuous(
         return adapter_set.forward(model, names)
 
     take(requests)
-    sampled = [r for r in every if r.params.temperature > 0]
+    sampled = [r for r in every.values() if r.params.temperature > 0]
     if sampled:
         torch.manual_seed(sampled[0].params.seed)
     batch = DecodeBatch(backend.fast_decoder, forward_for, set(eos), pad, tok, on_token)
@@ -222,8 +224,9 @@ def generate_continuous(
             if should_stop is not None and should_stop():
                 now = time.perf_counter()
                 for j in batch.cancel():
-                    deliver(j, finished_result(tok, encoded[j], batch.gen[j], CANCELLED, every[j].params,
-                                               now - joined[j], compute[j]))
+                    gen, _ = batch.take(j)
+                    deliver(j, finished_result(tok, encoded[j], gen, CANCELLED, every[j].params, now - joined[j],
+                                               compute[j]))
                 for i in waiting:
                     deliver(i, GenerationResult("", len(encoded[i]), 0, 0.0, 0.0, finish_reason=CANCELLED))
                 break
@@ -264,9 +267,10 @@ def generate_continuous(
             for j in rows:
                 compute[j] += share
             for j in done:
-                deliver(j, finished_result(tok, encoded[j], batch.gen[j], batch.reason[j], every[j].params,
-                                           now - joined[j], compute[j]))
-    return results
+                gen, reason = batch.take(j)
+                deliver(j, finished_result(tok, encoded[j], gen, reason, every[j].params, now - joined[j],
+                                           compute[j]))
+    return []
 
 
 def generation_config(params, eos: list[int], pad: int):
