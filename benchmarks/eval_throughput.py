@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cb-batch-tokens", type=int, default=2048,
                     help="continuous batching's max_batch_tokens (default 2048, labscale's prefill budget)")
     ap.add_argument("--skip-loop", action="store_true", help="skip the one-at-a-time loop (then outputs are "
-                                                            "compared with batched model.generate, batch 16)")
+                                                            "compared with the first transformers engine's)")
+    ap.add_argument("--engines", default="labscale,generate16,generate32,cb",
+                    help="batched engines to time (default labscale,generate16,generate32,cb)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         by_prompt = {tuple(o.prompt_ids): cut_at_eos(list(o.generated_tokens), eos) for o in outs}
         return [by_prompt[tuple(i)] for i in ids]
 
-    engines: dict[str, Callable] = {
-        f"labscale (batch {args.batch_size})": run_labscale,
-        "model.generate, batch 16": run_generate(16),
-        "model.generate, batch 32": run_generate(32),
-        "transformers continuous batching": run_cb,
+    known: dict[str, tuple[str, Callable]] = {
+        "labscale": (f"labscale (batch {args.batch_size})", run_labscale),
+        "generate16": ("model.generate, batch 16", run_generate(16)),
+        "generate32": ("model.generate, batch 32", run_generate(32)),
+        "cb": ("transformers continuous batching", run_cb),
     }
+    chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if "labscale" not in chosen or any(e not in known for e in chosen):
+        sys.exit(f"--engines: labscale and any of {', '.join(k for k in known if k != 'labscale')}")
+    engines: dict[str, Callable] = dict(known[e] for e in chosen)
     # warm-up (first-call allocations, kernel selection) for every engine
     for run in engines.values():
         run(prompts[:2])
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         attention(own_attn)
         reference = "one at a time (model.generate)"
     else:
-        reference = "model.generate, batch 16"
+        reference = next((n for n in engines if not n.startswith("labscale")), next(iter(engines)))
 
     ours = next(n for n in engines if n.startswith("labscale"))
     t_ours = statistics.median(times[ours])
