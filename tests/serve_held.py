@@ -20,7 +20,7 @@ hold = sys.argv[1]
 original = HFBackend.generate
 
 
-def generate(self, requests, progress=None, on_token=None, should_stop=None):
+def generate(self, requests, progress=None, on_token=None, should_stop=None, admit=None, on_result=None):
     polls = [0]
 
     def held() -> bool:
@@ -33,7 +33,7 @@ def generate(self, requests, progress=None, on_token=None, should_stop=None):
                 time.sleep(0.01)
         return stop
 
-    return original(self, requests, progress, on_token, held)
+    return original(self, requests, progress, on_token, held, admit, on_result)  # continuous batching as served
 
 
 HFBackend.generate = generate

@@ -308,6 +308,127 @@ def test_batched_greedy_equals_one_at_a_time(tiny_llm, fast):
     assert b.fast_decoder.suitable is fast
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "hf-generate"])
+def test_continuous_batching_admits_requests_between_steps(tiny_llm, fast):
+    """`generate(..., admit=, on_result=)`: requests offered at later decode steps join the running batch, each
+    result is handed over as its row finishes, and greedy outputs equal one-at-a-time `model.generate` whatever
+    joined when — also with different budgets and stop strings in one batch. Without the fast path, admitted
+    requests run through `model.generate` as their own batch."""
+    b = backend(tiny_llm, batch_size=4)
+    if not fast:
+        b.fast_decoder.suitable = False
+    prompts = [chat(b, t) for t in PROMPTS]
+    budgets = [12, 3, 8, 12, 5, 10, 7]
+    reqs = [GenerationRequest(p, DecodingParams(max_new_tokens=n)) for p, n in zip(prompts, budgets)]
+    ref0 = b.tokenizer.decode(one_at_a_time(b, prompts[6], 7), skip_special_tokens=True)
+    stop = ref0[2:4] if len(ref0) > 4 and "\ufffd" not in ref0[:4] else None
+    if stop:  # the last request stops at a stop string
+        reqs[6] = GenerationRequest(prompts[6], DecodingParams(max_new_tokens=7, stop=(stop,)))
+    later = reqs[2:]
+    polls, offered, finished = [], [], []
+
+    def admit(n: int):
+        polls.append(n)
+        if len(polls) >= (3 if fast else 1) and later:  # from the third step on, two at a time as rows free up
+            take = later[: min(n, 2)]
+            del later[: len(take)]
+            offered.extend(take)
+            return take
+        return []
+
+    events, got = [], {}
+
+    def on_result(i, r):
+        finished.append(i)
+        events.append(("done", i))
+        got[i] = r
+
+    assert b.generate(reqs[:2], admit=admit, on_result=on_result, on_token=lambda i, t: events.append(("token", i))) == []
+    results = [got[i] for i in range(len(got))]
+    assert not later and len(results) == len(reqs) and sorted(finished) == list(range(len(reqs)))
+    assert all(1 <= n <= 4 for n in polls)
+    if fast:  # request 2 joined while request 0 was decoding; request 1 (3 tokens) left before request 0 ended
+        assert events.index(("token", 2)) < len(events) - 1 - events[::-1].index(("token", 0))
+        assert results[0].new_tokens <= 3 or finished.index(1) < finished.index(0)
+        assert [e for e in events if e == ("token", 1)] == [("token", 1)] * results[1].new_tokens
+    order = reqs[:2] + offered
+    for req, r in zip(order, results):
+        ref = one_at_a_time(b, req.prompt, req.params.max_new_tokens)
+        text = b.tokenizer.decode(ref, skip_special_tokens=True)
+        if req.params.stop:
+            assert r.text == text[: text.find(stop)] and r.finish_reason == "stop"
+        else:
+            assert r.text == text and r.new_tokens == len(ref)
+        assert r.latency_s > 0 and 0 < r.compute_s <= r.latency_s
+
+
+def test_continuous_batching_cancel_and_bad_requests(tiny_llm):
+    """`should_stop` ends the running rows ("cancelled", tokens so far) and the requests not yet started; a bad
+    admitted request gets its error as its result and the others still run."""
+    from labscale.errors import ModelError
+
+    b = backend(tiny_llm, batch_size=2)
+    prompts = [chat(b, t) for t in PROMPTS[:3]]
+    steps, got = [], {}
+    b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=30)) for p in prompts],
+               should_stop=lambda: steps.append(1) or len(steps) > 4, admit=lambda n: [], on_result=got.__setitem__)
+    out = [got[i] for i in range(3)]
+    assert [r.finish_reason for r in out] == ["cancelled"] * 3
+    assert [r.new_tokens for r in out][:2] == [4, 4] and out[2].new_tokens == 0
+    bad = GenerationRequest(prompts[0], DecodingParams(max_new_tokens=5), adapter="nope")
+    got = {}
+    b.generate([GenerationRequest(prompts[1], DecodingParams(max_new_tokens=5))],
+               admit=lambda n, q=[bad]: [q.pop()] if q else [], on_result=got.__setitem__)
+    assert isinstance(got[1], ModelError) and got[0].new_tokens > 0
+
+
+def test_fast_paths_rest_on_these_transformers_internals(tiny_llm):
+    """labscale's decode path (fastdecode.py) and shared-prefix log-likelihoods (loglikelihood.py) use transformers
+    internals that a release may change. This pins each one, and the version they were verified and benchmarked
+    against: after an upgrade, re-run benchmarks/eval_throughput.py (labscale vs batched model.generate vs
+    transformers' continuous batching, identical outputs) and the exactness tests, then update VERIFIED."""
+    import inspect as insp
+
+    import transformers
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, _preprocess_mask_arguments, sdpa_mask
+
+    from labscale.models.hf import fastdecode
+
+    VERIFIED = "5.23.0"
+    assert transformers.__version__ == VERIFIED, (
+        f"transformers {transformers.__version__} is not the version labscale's decode path was verified with "
+        f"({VERIFIED}): re-run benchmarks/eval_throughput.py and tests/test_models.py, then update VERIFIED")
+    # the cache layer the preallocated buffers subclass, and the cache that holds them
+    layer = DynamicLayer()
+    for name in ("update", "get_seq_length", "crop", "batch_select_indices", "batch_repeat_interleave",
+                 "reorder_cache", "reset"):
+        assert callable(getattr(layer, name)), name
+    assert list(insp.signature(DynamicLayer.update).parameters)[:3] == ["self", "key_states", "value_states"]
+    cache = DynamicCache()
+    assert isinstance(cache.layers, list)
+    # the attention function ragged attention wraps, and the registries it is registered in
+    assert list(insp.signature(sdpa_attention_forward).parameters)[:5] == ["module", "query", "key", "value",
+                                                                          "attention_mask"]
+    assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register) and callable(sdpa_mask)
+    # a 4-D mask is taken as given (shared-prefix scoring passes its own)
+    assert "attention_mask" in insp.signature(_preprocess_mask_arguments).parameters
+    # the model side: explicit positions, a cache to fill, logits at chosen positions, kwargs reaching attention
+    b = backend(tiny_llm, batch_size=4)
+    params = insp.signature(b.model.forward).parameters
+    assert {"position_ids", "past_key_values", "logits_to_keep", "attention_mask"} <= set(params)
+    prompts = [chat(b, t) for t in PROMPTS[:4]]
+    out = b.generate([GenerationRequest(p, DecodingParams(max_new_tokens=8)) for p in prompts])
+    assert b.fast_decoder.suitable is True and b.fast_decoder.ragged and b.fast_decoder.ragged_verified
+    assert b.model.config._attn_implementation == fastdecode.RAGGED_ATTENTION
+    for p, r in zip(prompts, out):
+        assert r.text == b.tokenizer.decode(one_at_a_time(b, p, 8), skip_special_tokens=True)
+    b.loglikelihood([LoglikelihoodRequest("The sky is", " blue"), LoglikelihoodRequest("The sky is", " very red")])
+    assert b.pack_loglikelihoods is True and b.pack_verified is True
+
+
 def test_plan_buckets():
     from labscale.models.hf.fastdecode import plan_buckets
 
@@ -511,6 +632,60 @@ def test_loglikelihood_greedy_continuation(tiny_llm):
     if enc == ref:  # the decoded text re-encodes to the same tokens (true for this tokenizer in practice)
         (r,) = b.loglikelihood([LoglikelihoodRequest(p, cont)])
         assert r.is_greedy and r.n_tokens == 4
+
+
+def test_shared_prefix_loglikelihoods_equal_plain_scoring(tiny_llm, monkeypatch):
+    """Multiple-choice requests are packed (one row per context, loglikelihood.py) and give the plain path's
+    log-probabilities: one-token and multi-token choices, several contexts in a batch, a duplicate, a context
+    that needs left truncation (scored plainly), and a backend where packing is switched off."""
+    from labscale.models.hf import loglikelihood as ll
+
+    contexts = ["Question: what colour is the sky? Answer:", "Doctor: How are you feeling today? Patient:", "Q:"]
+    choices = [" blue", " a very long and winding answer about nothing", " I have had a headache since monday", " no"]
+    reqs = [LoglikelihoodRequest(c, ch) for c in contexts for ch in choices] + [LoglikelihoodRequest("Q:", " no")]
+    packed_backend = backend(tiny_llm, batch_size=2)
+    calls = {"packed": 0}
+    real = ll.score_packed
+
+    def counting(*a, **k):
+        calls["packed"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ll, "score_packed", counting)
+    packed = packed_backend.loglikelihood(reqs)
+    assert calls["packed"] == 2 and packed_backend.pack_verified is True  # 3 rows in batches of 2
+    plain_backend = backend(tiny_llm, batch_size=2)
+    plain_backend.pack_loglikelihoods = False
+    plain = plain_backend.loglikelihood(reqs)
+    assert calls["packed"] == 2
+    for req, a, b in zip(reqs, packed, plain):
+        assert math.isclose(a.logprob, b.logprob, rel_tol=1e-5, abs_tol=1e-4), req
+        assert (a.is_greedy, a.n_tokens) == (b.is_greedy, b.n_tokens)
+        lp, greedy, n = manual_loglikelihood(plain_backend, req.context, req.continuation)
+        assert math.isclose(a.logprob, lp, rel_tol=1e-5, abs_tol=1e-4) and a.is_greedy == greedy
+    assert packed[-1].logprob == packed[len(choices) * 2 + 3].logprob  # the duplicate
+    # a context longer than the window is left-truncated, plainly; the rest of the batch is still packed
+    window = packed_backend.context_length
+    long = LoglikelihoodRequest("word " * (window + 10), " blue")
+    res = packed_backend.loglikelihood([long, reqs[0]])
+    assert res[0].logprob < 0 and math.isclose(res[1].logprob, packed[0].logprob, abs_tol=1e-4)
+
+
+def test_shared_prefix_check_falls_back_when_a_model_disagrees(tiny_llm, monkeypatch):
+    """The first packed batch is checked against plain scoring; on disagreement the backend scores plainly."""
+    from labscale.models.base import LoglikelihoodResult
+    from labscale.models.hf import loglikelihood as ll
+
+    real = ll.score_packed
+    monkeypatch.setattr(ll, "score_packed", lambda *a, **k: {key: LoglikelihoodResult(r.logprob - 1.0, r.is_greedy,
+                                                                                      r.n_tokens, r.compute_s)
+                                                             for key, r in real(*a, **k).items()})
+    b = backend(tiny_llm)
+    reqs = [LoglikelihoodRequest("The sky is", " blue"), LoglikelihoodRequest("The sky is", " very green")]
+    out = b.loglikelihood(reqs)
+    assert b.pack_verified is False and b.pack_loglikelihoods is False
+    for req, res in zip(reqs, out):
+        assert math.isclose(res.logprob, manual_loglikelihood(b, req.context, req.continuation)[0], abs_tol=1e-4)
 
 
 def test_quantized_4bit_on_cpu(tiny_llm):

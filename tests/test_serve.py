@@ -506,6 +506,49 @@ def _as_one_batch(url: str, batcher: Batcher, calls: list[dict]) -> list:
         return future.result(120)
 
 
+class SlowSteps:
+    """Wraps a backend: every decode step takes at least 20 ms (the cancel hook is polled once per step)."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def generate(self, requests, progress=None, on_token=None, should_stop=None, admit=None, on_result=None):
+        def slow() -> bool:
+            time.sleep(0.02)
+            return should_stop()
+
+        return self._backend.generate(requests, progress, on_token, slow, admit, on_result)
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "dynamic"])
+def test_a_request_joins_the_running_batch(reference, loras, continuous):
+    """Continuous batching: a request that arrives while a batch decodes joins it at the next step and is answered
+    while the long request is still decoding, with the answer it gets alone (a mixed batch: base + adapter rows).
+    Dynamic batching (the "before"): it waits for the whole batch."""
+    long_msgs, short_msgs = messages("Count slowly from one to one hundred."), messages("Is the sky blue?")
+    # alone, before the batcher's thread uses the backend (one model is never run from two threads at once)
+    want_long, want_short = direct(reference, long_msgs, 40).text, direct(reference, short_msgs, 3, "alpha").text
+    b = Batcher(SlowSteps(reference), batch_size=4, wait_ms=0, continuous=continuous)
+    b.start()
+    try:
+        started = threading.Event()
+        long = b.submit(GenerationRequest(reference.render(long_msgs), DecodingParams(max_new_tokens=40)),
+                        on_token=lambda t: started.set())
+        assert started.wait(60)
+        short = b.submit(GenerationRequest(reference.render(short_msgs), DecodingParams(max_new_tokens=3), "alpha"))
+        r = short.result(60)
+        assert long.done() is not continuous
+        assert r.text == want_short
+        assert long.result(60).new_tokens == 40 and long.result().text == want_long
+    finally:
+        assert b.stop(0, 60)
+    stats = b.stats.as_dict()  # a generate call is counted when it returns
+    assert (stats["batches"], stats["requests"], stats["largest_batch"]) == ((1, 2, 2) if continuous else (2, 2, 1))
+
+
 def test_concurrent_requests_are_batched(served, batcher):
     calls = [{"model": "tiny", "messages": messages(q), "max_tokens": 8, "temperature": 0} for q in QUESTIONS]
     out = _as_one_batch(served[0], batcher, calls)

@@ -245,7 +245,7 @@ class Held:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def generate(self, requests, progress=None, on_token=None, should_stop=None):
+    def generate(self, requests, progress=None, on_token=None, should_stop=None, admit=None, on_result=None):
         polls = [0]
 
         def held() -> bool:
@@ -257,7 +257,8 @@ class Held:
                         return True
             return should_stop()
 
-        return self._backend.generate(requests, progress, on_token, held)
+        # admit / on_result passed on: the server batches continuously, as it does over the HF backend
+        return self._backend.generate(requests, progress, on_token, held, admit, on_result)
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,8 @@ def serve(
     grace_s: float = typer.Option(30.0, "--grace-s", min=0, max=86400,
                                   help="on SIGTERM/Ctrl-C: seconds in-flight requests may take to finish before "
                                   "they are cancelled (503)"),
+    batching: str = typer.Option("continuous", help="continuous (requests join a running batch at the next decode "
+                                 "step) | dynamic (a batch runs to its end before the next starts)"),
 ) -> None:
     """Serve a local model (and LoRA adapters) over an OpenAI-compatible HTTP API; see docs/serve.md."""
     import os
@@ -259,9 +261,12 @@ def serve(
         if not api_key:
             raise LabscaleError(f"--api-key-env {api_key_env}: ${api_key_env} is not set",
                                 f"export {api_key_env}=<key>, or drop --api-key-env to serve without a key")
+    if batching not in ("continuous", "dynamic"):
+        raise LabscaleError(f"--batching '{batching}' is not continuous or dynamic", "use --batching continuous")
     from labscale.serve.server import serve as run_server
 
-    run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms, grace_s)
+    run_server(model, adapters, host, port, served_name, api_key, batch_size, max_body_bytes, batch_wait_ms, grace_s,
+               continuous=batching == "continuous")
 
 
 # `labscale finetune` spells config.FinetuneSpec's fields as flags; bounds, defaults and checks live there only.

@@ -1,11 +1,19 @@
-"""Dynamic batching: one worker thread turns concurrent requests into batched `backend.generate` calls.
+"""Continuous (or dynamic) batching: one worker thread turns concurrent requests into batched `backend.generate`
+calls.
 
 `submit` queues a request and returns a `concurrent.futures.Future` at once (HTTP handlers await it with
 `asyncio.wrap_future`, so the event loop never waits on the model). The worker takes the first queued request,
 gathers whatever else arrives within `wait_ms` (at most `batch_size` in all; what is already queued is taken
-without waiting), and runs one `generate` call for the lot: requests for different adapters share it, requests
-with different decoding parameters become separate sub-batches inside it. A request cancelled before its batch
-starts is skipped. Per-token callbacks (streaming) run on the worker thread.
+without waiting), and runs one `generate` call for the lot: requests for different adapters share it. A request
+cancelled before it joins a batch is skipped. Per-token callbacks (streaming) run on the worker thread.
+
+Continuous batching, where the backend's `generate` takes `admit` and `on_result` (the HF backend; see
+models/hf/generation.py): the call keeps decoding while requests come and go. Before each decode step it asks
+for queued requests to fill the free rows, and they join the batch at that step instead of waiting for the
+whole batch to finish; each request's future is resolved the moment its row finishes. Requests with different
+decoding parameters and adapters share the batch. Otherwise (backends without those hooks): dynamic batching,
+one `generate` call per gathered batch, requests with different decoding parameters in separate sub-batches
+inside it. `continuous=False` forces dynamic batching (the serving benchmark's "before").
 
 Stopping, in three steps the server's shutdown drives (server.py):
 - `close()`: no new request is taken (`submit` fails with `ShuttingDown`); what is queued or running still runs,
@@ -14,9 +22,10 @@ Stopping, in three steps the server's shutdown drives (server.py):
   `generate` takes one) and queued requests are failed; unfinished requests fail with `Cancelled`.
 - `join(timeout)`: wait for the worker thread to exit. `stop(grace_s)` does all three.
 
-`hold()` (a context manager) keeps the worker from starting a new batch while it is held, so that requests queue
-up: the tests use it to build batches deterministically instead of relying on `wait_ms`. `stats` counts batches;
-`reset_stats()` starts them afresh.
+`hold()` (a context manager) keeps the worker from starting a new batch, or admitting requests into a running
+one, while it is held, so that requests queue up: the tests use it to build batches deterministically instead of
+relying on `wait_ms`. `stats` counts batches (`generate` calls), the requests they served and the most requests
+decoding at once (`largest_batch`); `reset_stats()` starts them afresh.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ class _Job:
 class BatcherStats:
     batches: int = 0  # generate calls made
     requests: int = 0  # requests they served
-    largest_batch: int = 0
+    largest_batch: int = 0  # most requests in one generate call at once
     busy_s: float = 0.0  # time spent in generate
     cancelled: int = 0  # requests cancelled (by `cancel`) before they finished
 
@@ -64,7 +73,7 @@ class BatcherStats:
 
 
 class Batcher:
-    def __init__(self, backend: ModelBackend, batch_size: int = 16, wait_ms: float = 5.0):
+    def __init__(self, backend: ModelBackend, batch_size: int = 16, wait_ms: float = 5.0, continuous: bool = True):
         self.backend = backend
         self.batch_size = batch_size
         self.wait_s = wait_ms / 1000
@@ -72,6 +81,8 @@ class Batcher:
         params = inspect.signature(backend.generate).parameters
         self.streams = "on_token" in params  # token-level streaming
         self.cancellable = "should_stop" in params  # a running batch can be cut short
+        # requests join a running batch (see the module docstring)
+        self.continuous = continuous and "admit" in params and "on_result" in params
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._cond = threading.Condition()  # guards the fields below
         self._closed = False  # no request is queued once closed
@@ -216,8 +227,82 @@ class Batcher:
                 self._fail(jobs, "the server shut down before the request started")
                 continue
             if jobs:
-                self._run_batch(jobs)
+                (self._run_continuous if self.continuous else self._run_batch)(jobs)
         self._fail_queued()
+
+    def _run_continuous(self, jobs: list[_Job]) -> None:
+        """One `generate` call that admits queued requests at every decode step (see the module docstring)."""
+        order = dict(enumerate(jobs))  # request index (as the backend numbers them) -> job not yet answered
+        count = [len(jobs)]
+
+        def admit(n: int) -> list[GenerationRequest]:
+            if self._cancel.is_set() or self._held:
+                return []
+            taken: list[_Job] = []
+            while len(taken) < n:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:  # closed: what was queued before still runs; the marker goes back
+                    self._queue.put(None)
+                    break
+                if job.future.set_running_or_notify_cancel():
+                    taken.append(job)
+            if taken:
+                for job in taken:
+                    order[count[0]] = job
+                    count[0] += 1
+                with self._cond:
+                    self._running += len(taken)
+                    self.stats.largest_batch = max(self.stats.largest_batch, self._running)
+            return [j.request for j in taken]
+
+        def on_result(i: int, res) -> None:
+            job = order.pop(i)
+            with self._cond:
+                self._running -= 1
+                self.stats.requests += 1
+            if isinstance(res, BaseException):
+                job.future.set_exception(res)
+            elif res.finish_reason == CANCELLED:
+                self._fail([job], f"the server shut down before the request finished (cancelled after "
+                                  f"{res.new_tokens} of {job.request.params.max_new_tokens} tokens)")
+            else:
+                job.future.set_result(res)
+
+        kw: dict = {"admit": admit, "on_result": on_result}
+        if self.streams:
+            def on_token(i: int, token: int) -> None:
+                job = order.get(i)
+                if job is not None and job.on_token is not None:
+                    try:
+                        job.on_token(token)
+                    except Exception:  # noqa: BLE001 - a broken stream must not fail the batch
+                        job.on_token = None
+
+            kw["on_token"] = on_token
+        if self.cancellable:
+            kw["should_stop"] = self._should_stop
+        with self._cond:
+            self._running = len(jobs)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+        t0 = time.perf_counter()
+        try:
+            self.backend.generate([j.request for j in jobs], **kw)
+        except BaseException as e:  # noqa: BLE001 - handed to every request still waiting
+            for job in order.values():
+                job.future.set_exception(e)
+                with self._cond:
+                    self.stats.requests += 1
+            order.clear()
+        finally:
+            with self._cond:
+                self._running = 0
+                self.stats.batches += 1
+                self.stats.busy_s += time.perf_counter() - t0
+        for job in order.values():  # a backend that returned without answering every request
+            job.future.set_exception(RuntimeError("the backend returned no result for the request"))
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         kw: dict = {}

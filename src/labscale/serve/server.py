@@ -87,6 +87,7 @@ def serve(
     max_body_bytes: int = 4 << 20,
     batch_wait_ms: float = 10.0,
     grace_s: float = 30.0,
+    continuous: bool = True,
 ) -> None:
     from labscale.serve.app import WORKER_JOIN_S, create_app
     from labscale.serve.batcher import Batcher
@@ -100,7 +101,7 @@ def serve(
     sock = bind(host, port)
     try:
         backend = load_backend(model, adapters, batch_size)
-        batcher = Batcher(backend, batch_size, batch_wait_ms)
+        batcher = Batcher(backend, batch_size, batch_wait_ms, continuous=continuous)
 
         def log(line: str) -> None:
             print(f"labscale serve: {line}", file=sys.stderr, flush=True)

@@ -58,6 +58,7 @@ class Adapters:
         self.peft = None
         self.folders: dict[str, str] = {}
         self.pinned: str | None = None
+        self._depth = 0  # open `scope`s
 
     def load(self, load_model, name: str, path: str | Path, model_name: str) -> None:
         """Load the adapter in `path` as `name` onto the model `load_model()` returns (called once the adapter
@@ -104,15 +105,20 @@ class Adapters:
 
     @contextlib.contextmanager
     def scope(self, names: list[str] | None):
-        """Adapter layers on for the duration of a batch that uses adapters (off otherwise)."""
+        """Adapter layers on for the duration of a batch that uses adapters (off otherwise); scopes nest (a
+        continuous batch keeps them on while a fallback batch inside it opens its own)."""
         if names is None:
             yield
             return
-        self.peft.base_model.enable_adapter_layers()
+        if self._depth == 0:
+            self.peft.base_model.enable_adapter_layers()
+        self._depth += 1
         try:
             yield
         finally:
-            self.peft.base_model.disable_adapter_layers()
+            self._depth -= 1
+            if self._depth == 0:
+                self.peft.base_model.disable_adapter_layers()
 
     def forward(self, model, names: list[str] | None):
         """The forward for a batch whose rows use adapters `names` (None: `model` itself)."""

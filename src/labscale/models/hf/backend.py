@@ -29,7 +29,7 @@ from labscale.models.base import (
 from labscale.models.hf.adapters import Adapters
 from labscale.models.hf.encoding import Encoder
 from labscale.models.hf.fastdecode import FastDecoder
-from labscale.models.hf.generation import ShouldStop, TokenCallback
+from labscale.models.hf.generation import Admit, ResultCallback, ShouldStop, TokenCallback
 from labscale.models.hf.generation import generate as generate_requests
 from labscale.models.hf.loading import Loader, resolve_device, resolve_dtype
 from labscale.models.hf.loglikelihood import loglikelihood as score_requests
@@ -61,6 +61,10 @@ class HFBackend(ModelBackend):
         self._parameters: int | None = None
         self._logits_to_keep = False
         self.fast_decoder = FastDecoder()  # labscale's decode path and what it learnt about this model
+        # shared-prefix log-likelihood scoring (loglikelihood.py): whether it applies (None: not yet known) and
+        # whether the first batch agreed with plain scoring (None: not yet checked)
+        self.pack_loglikelihoods: bool | None = None
+        self.pack_verified: bool | None = None
         self.adapter_set = Adapters()  # LoRA adapters loaded onto the model
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -280,9 +284,12 @@ class HFBackend(ModelBackend):
         progress: Progress | None = None,
         on_token: TokenCallback | None = None,
         should_stop: ShouldStop | None = None,
+        admit: Admit | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[GenerationResult]:
-        """See generation.py: `on_token` streams new tokens, `should_stop` cancels (rows end "cancelled")."""
-        return generate_requests(self, requests, progress, on_token, should_stop)
+        """See generation.py: `on_token` streams new tokens, `should_stop` cancels (rows end "cancelled"),
+        `admit` / `on_result` batch continuously (requests join a running batch at the next decode step)."""
+        return generate_requests(self, requests, progress, on_token, should_stop, admit, on_result)
 
     def loglikelihood(
         self, requests: list[LoglikelihoodRequest], progress: Progress | None = None

@@ -248,90 +248,16 @@ class FastDecoder:
         reason. Returns None when the model does not suit this path. `names`: peft adapter names per row (None:
         no adapters); `on_token(row, token)` is called for each new token. `should_stop()` is called once before
         each decode step; when it returns True the loop ends there and every row still running keeps the tokens
-        it has, with finish reason "cancelled"."""
-        import torch
-
-        prefilled = self.prefill(batch, params.max_new_tokens, forward_for, names, pad)
-        if prefilled is None:
+        it has, with finish reason "cancelled". (One `DecodeBatch` that no row joins later.)"""
+        rows = DecodeBatch(self, forward_for, eos, pad, tokenizer, on_token)
+        if not rows.add(batch, [params] * len(batch), names, list(range(len(batch)))):
             return None
-        cache, cached = prefilled
-        forward = forward_for(names)
-        device = self.model.device
-        max_new = params.max_new_tokens
-        mask = torch.zeros((len(batch), cached + max_new), dtype=torch.long, device=device)
-        for j, ids in enumerate(batch):
-            mask[j, cached - (len(ids) - 1) : cached] = 1
-        pos = torch.tensor([len(ids) - 1 for ids in batch], dtype=torch.long, device=device)
-        cur = torch.tensor([ids[-1] for ids in batch], dtype=torch.long, device=device)
-        rows = list(range(len(batch)))  # tensor row -> batch index
-        live = [True] * len(batch)
-        gen: list[list[int]] = [[] for _ in batch]
-        reason = ["length"] * len(batch)
-        warp = None
-        if params.temperature > 0:
-            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-            warp = LogitsProcessorList([TemperatureLogitsWarper(float(params.temperature))])
-            if params.top_p < 1.0:
-                warp.append(TopPLogitsWarper(float(params.top_p)))
-        kw: dict[str, Any] = {"logits_to_keep": 1} if self.logits_to_keep else {}
-        starts = [cached - (len(ids) - 1) for ids in batch]  # first real cache position of each tensor row
-        if self.ragged and self.ragged_verified is None:
-            self.ragged_verified = self.verify_ragged(pad)
-        if self.ragged:
-            kw[RAGGED_KWARG] = plan_buckets(starts, cached + max_new // 2)
-        n = cached
-        for step in range(max_new):
+        while rows.running:
             if should_stop is not None and should_stop():
-                for k, alive in enumerate(live):
-                    if alive:
-                        reason[rows[k]] = "cancelled"
+                rows.cancel()
                 break
-            mask[:, n] = 1
-            logits = forward(
-                input_ids=cur[:, None],
-                attention_mask=mask[:, : n + 1],
-                position_ids=pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-                **kw,
-            ).logits[:, -1, :].float()
-            n += 1
-            if warp is None:
-                nxt = logits.argmax(-1)
-            else:
-                scores = warp(None, logits)
-                nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-            for k, t in enumerate(nxt.tolist()):
-                if not live[k]:
-                    continue
-                j = rows[k]
-                gen[j].append(t)
-                if on_token is not None:
-                    on_token(j, t)
-                if t in eos or (params.stop and _hits_stop(tokenizer, gen[j], params.stop)):
-                    live[k], reason[j] = False, "stop"
-            remaining = sum(live)
-            if remaining == 0 or step == max_new - 1:
-                break
-            # Drop finished rows when they would cost more than moving the cache does: a dead row costs its share
-            # of the linear layers on every remaining step; moving the live rows' cache costs about one step.
-            if (len(rows) - remaining) * (max_new - step - 1) >= 2 * len(rows):
-                keep = [k for k, alive in enumerate(live) if alive]
-                idx = torch.tensor(keep, dtype=torch.long, device=device)
-                for layer in cache.layers:
-                    layer.batch_select_indices(idx)
-                mask, pos, nxt = mask[idx], pos[idx], nxt[idx]
-                rows = [rows[k] for k in keep]
-                starts = [starts[k] for k in keep]
-                if names is not None:
-                    names = [names[k] for k in keep]
-                    forward = forward_for(names)
-                if self.ragged:
-                    kw[RAGGED_KWARG] = plan_buckets(starts, n + (max_new - step) // 2)
-                live = [True] * len(keep)
-            cur, pos = nxt, pos + 1
-        return list(zip(gen, reason))
+            rows.step()
+        return [(rows.gen[j], rows.reason[j]) for j in range(len(batch))]
 
     def verify_ragged(self, pad: int) -> bool:
         """One one-token forward pass checking that a bucket plan passed to the model reaches the attention
@@ -437,3 +363,258 @@ class FastDecoder:
 def _hits_stop(tokenizer, tokens: list[int], stops: tuple[str, ...]) -> bool:
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return any(s in text for s in stops)
+
+
+class DecodeBatch:
+    """Rows decoding together, one token per live row and step (`step`), that new rows can join between steps
+    (`add`): what `FastDecoder.decode` runs for one batch and what continuous batching (generation.py
+    `generate(..., admit=...)`, `labscale serve`) keeps running while requests come and go.
+
+    Each row has its own decoding parameters (budget, stop strings, temperature / top_p), request index and
+    adapter name. `add` prefills the new prompts (length groups, as `FastDecoder.prefill`) and, when rows are
+    already decoding, rebuilds the key/value buffers: every live row keeps its cache, laid out left-padded to the
+    new common width (rows sorted longest first, so ragged-attention buckets stay contiguous), with room for the
+    longest remaining budget; finished rows are left out. A row's numbers do not depend on which rows share its
+    batch, except for floating-point rounding (as with any change of batch shape).
+
+    `gen[i]` / `reason[i]`: the tokens and finish reason of request `i` ("stop", "length", "cancelled"); `step`
+    returns the requests that finished in it, and `take(i)` hands over (and forgets) a finished request's tokens
+    and reason, so that a batch that runs for hours keeps no state of requests long gone. `forward_for(names)`
+    gives the forward to call for per-row adapter names (None when no row has one)."""
+
+    def __init__(self, decoder: FastDecoder, forward_for: Forward, eos: set[int], pad: int, tokenizer,
+                 on_token: TokenCallback | None = None):
+        self.decoder = decoder
+        self.forward_for = forward_for
+        self.eos, self.pad, self.tokenizer, self.on_token = eos, pad, tokenizer, on_token
+        self.kw: dict[str, Any] = {"logits_to_keep": 1} if decoder.logits_to_keep else {}
+        self.cache = None
+        self.n = 0  # cache positions in use (the next token's key/value goes to position n)
+        self.mask = self.pos = self.cur = None
+        self.rows: list[int] = []  # tensor row -> request index
+        self.starts: list[int] = []  # first real cache position of each tensor row
+        self.live: list[bool] = []
+        self.params: dict[int, Any] = {}
+        self.names: dict[int, str | None] = {}
+        self.gen: dict[int, list[int]] = {}
+        self.reason: dict[int, str] = {}
+        self.forward: Callable | None = None
+        self._warps: dict[tuple, Any] = {}
+
+    @property
+    def running(self) -> int:
+        """Rows still decoding."""
+        return sum(self.live)
+
+    def _remaining(self) -> int:
+        """Steps the longest-running live row may still take."""
+        return max((self.params[j].max_new_tokens - len(self.gen[j]) for k, j in enumerate(self.rows)
+                    if self.live[k]), default=0)
+
+    def take(self, j: int) -> tuple[list[int], str]:
+        """The tokens and finish reason of finished request `j`, forgotten here."""
+        return self.gen.pop(j), self.reason.pop(j)
+
+    def _prune(self) -> None:
+        """Forget the parameters and adapter names of requests no longer in the tensor rows."""
+        keep = set(self.rows)
+        for d in (self.params, self.names):
+            for j in [j for j in d if j not in keep]:
+                del d[j]
+
+    def _names(self) -> list[str] | None:
+        names = [self.names[j] for j in self.rows]
+        return None if all(x is None for x in names) else names  # type: ignore[misc]
+
+    def add(self, prompts: list[list[int]], params: list, names: list[str] | None, indices: list[int]) -> bool:
+        """Prefill `prompts` (request `indices`, decoding `params`, peft adapter `names` or None) and add them as
+        rows that decode from the next step on. False (nothing added) when the model does not suit this path,
+        or when the batch is empty and every new prompt is a single token (nothing to prefill)."""
+        import torch
+
+        for k, j in enumerate(indices):
+            self.params[j], self.names[j] = params[k], None if names is None else names[k]
+            self.gen[j], self.reason[j] = [], "length"
+        budget = max(p.max_new_tokens for p in params)
+        if self.cache is None or not self.running:
+            prefilled = self.decoder.prefill(prompts, budget, self.forward_for, names, self.pad)
+            if prefilled is None:
+                for j in indices:
+                    del self.params[j], self.names[j], self.gen[j], self.reason[j]
+                return False
+            self.cache, cached = prefilled
+            device = self.decoder.model.device
+            self.n = cached
+            self.mask = torch.zeros((len(prompts), cached + budget + 1), dtype=torch.long, device=device)
+            self.starts = [cached - (len(ids) - 1) for ids in prompts]
+            for k, s in enumerate(self.starts):
+                self.mask[k, s:cached] = 1
+            self.pos = torch.tensor([len(ids) - 1 for ids in prompts], dtype=torch.long, device=device)
+            self.cur = torch.tensor([ids[-1] for ids in prompts], dtype=torch.long, device=device)
+            self.rows, self.live = list(indices), [True] * len(prompts)
+            self._prune()
+            self._replan(cached + budget // 2)
+            return True
+        self._merge(prompts, names, indices)
+        return True
+
+    def _merge(self, prompts: list[list[int]], names: list[str] | None, indices: list[int]) -> None:
+        """New rows join the live ones (see the class docstring)."""
+        import torch
+
+        device = self.decoder.model.device
+        prefix = [len(ids) - 1 for ids in prompts]
+        new_cache, new_cached = None, 0
+        if max(prefix) > 0:
+            # the new rows' caches, left-padded to their own width (no room needed: copied below)
+            new_cache, new_cached = self.decoder.prefill(prompts, 0, self.forward_for, names, self.pad)
+        old = [k for k, alive in enumerate(self.live) if alive]
+        old_len = {k: self.n - self.starts[k] for k in old}
+        old_width = max(old_len.values())
+        width = max(old_width, new_cached)
+        budget = max([self._remaining()] + [self.params[j].max_new_tokens for j in indices])
+        room = width + budget + 1
+        # combined rows, longest cache first: (length, source, row in source)
+        combined = sorted([(old_len[k], 0, k) for k in old] + [(p, 1, i) for i, p in enumerate(prefix)],
+                          key=lambda r: -r[0])
+        dest = {(src, r): d for d, (_, src, r) in enumerate(combined)}
+        old_dest = torch.tensor([dest[(0, k)] for k in old], dtype=torch.long, device=device)
+        old_src = torch.tensor(old, dtype=torch.long, device=device)
+        new_dest = torch.tensor([dest[(1, i)] for i in range(len(prompts))], dtype=torch.long, device=device)
+        layers = []
+        for li, layer in enumerate(self.cache.layers):
+            kbuf, vbuf = layer._k, layer._v
+            shape = (len(combined), kbuf.shape[1], room, kbuf.shape[3])
+            k, v = kbuf.new_empty(shape), vbuf.new_empty(shape)
+            k[:, :, :width] = 0
+            v[:, :, :width] = 0
+            k[:, :, width - old_width : width].index_copy_(0, old_dest, kbuf[old_src, :, self.n - old_width : self.n])
+            v[:, :, width - old_width : width].index_copy_(0, old_dest, vbuf[old_src, :, self.n - old_width : self.n])
+            if new_cache is not None:
+                nk, nv = new_cache.layers[li]._k, new_cache.layers[li]._v
+                k[:, :, width - new_cached : width].index_copy_(0, new_dest, nk[:, :, :new_cached])
+                v[:, :, width - new_cached : width].index_copy_(0, new_dest, nv[:, :, :new_cached])
+            layers.append((k, v))
+        del new_cache
+        cls = prealloc_layer_class()
+        self.cache.layers = [cls(k, v, width) for k, v in layers]
+        self.starts = [width - length for length, _, _ in combined]
+        self.mask = torch.zeros((len(combined), room), dtype=torch.long, device=device)
+        for d, s in enumerate(self.starts):
+            self.mask[d, s:width] = 1
+        pos, cur, rows = [0] * len(combined), [0] * len(combined), [0] * len(combined)
+        old_pos, old_cur = self.pos.tolist(), self.cur.tolist()
+        for d, (_, src, r) in enumerate(combined):
+            if src == 0:
+                pos[d], cur[d], rows[d] = old_pos[r], old_cur[r], self.rows[r]
+            else:
+                pos[d], cur[d], rows[d] = prefix[r], prompts[r][-1], indices[r]
+        self.pos = torch.tensor(pos, dtype=torch.long, device=device)
+        self.cur = torch.tensor(cur, dtype=torch.long, device=device)
+        self.rows, self.live, self.n = rows, [True] * len(combined), width
+        self._prune()
+        self._replan(width + budget // 2)
+
+    def _replan(self, length: int) -> None:
+        """The forward for the rows' adapters, and the ragged-attention bucket plan over `length` keys."""
+        self.forward = self.forward_for(self._names())
+        dec = self.decoder
+        if dec.ragged and dec.ragged_verified is None:
+            dec.ragged_verified = dec.verify_ragged(self.pad)
+        if dec.ragged:
+            self.kw[RAGGED_KWARG] = plan_buckets(self.starts, length)
+        else:
+            self.kw.pop(RAGGED_KWARG, None)
+
+    def _sample(self, logits):
+        """The next token of every tensor row: argmax for greedy rows, else sampled per (temperature, top_p)."""
+        import torch
+
+        groups: dict[tuple, list[int]] = {}
+        for k, j in enumerate(self.rows):
+            p = self.params[j]
+            key = (float(p.temperature), float(p.top_p)) if p.temperature > 0 else ()
+            groups.setdefault(key, []).append(k)
+        if list(groups) == [()]:
+            return logits.argmax(-1)
+        nxt = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for key, ks in groups.items():
+            idx = None if len(ks) == logits.shape[0] else torch.tensor(ks, dtype=torch.long, device=logits.device)
+            part = logits if idx is None else logits[idx]
+            if key == ():
+                out = part.argmax(-1)
+            else:
+                warp = self._warps.get(key)
+                if warp is None:
+                    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+                    warp = LogitsProcessorList([TemperatureLogitsWarper(key[0])])
+                    if key[1] < 1.0:
+                        warp.append(TopPLogitsWarper(key[1]))
+                    self._warps[key] = warp
+                out = torch.multinomial(warp(None, part).softmax(-1), 1).squeeze(1)
+            if idx is None:
+                nxt = out
+            else:
+                nxt[idx] = out
+        return nxt
+
+    def step(self) -> list[int]:
+        """One decode step for every row; returns the request indices that finished in it."""
+        import torch
+
+        self.mask[:, self.n] = 1
+        logits = self.forward(
+            input_ids=self.cur[:, None],
+            attention_mask=self.mask[:, : self.n + 1],
+            position_ids=self.pos[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            **self.kw,
+        ).logits[:, -1, :].float()
+        self.n += 1
+        nxt = self._sample(logits)
+        finished = []
+        for k, t in enumerate(nxt.tolist()):
+            if not self.live[k]:
+                continue
+            j = self.rows[k]
+            gen, params = self.gen[j], self.params[j]
+            gen.append(t)
+            if self.on_token is not None:
+                self.on_token(j, t)
+            if t in self.eos or (params.stop and _hits_stop(self.tokenizer, gen, params.stop)):
+                self.live[k], self.reason[j] = False, "stop"
+            elif len(gen) >= params.max_new_tokens:
+                self.live[k] = False
+            if not self.live[k]:
+                finished.append(j)
+        self.cur, self.pos = nxt, self.pos + 1
+        running = self.running
+        if running == 0:
+            self.cache = None  # nothing left: free the buffers (the next `add` starts afresh)
+            return finished
+        # Drop finished rows when they would cost more than moving the cache does: a dead row costs its share of
+        # the linear layers on every remaining step; moving the live rows' cache costs about one step.
+        remaining = self._remaining()
+        if (len(self.rows) - running) * remaining >= 2 * len(self.rows):
+            keep = [k for k, alive in enumerate(self.live) if alive]
+            idx = torch.tensor(keep, dtype=torch.long, device=self.cur.device)
+            for layer in self.cache.layers:
+                layer.batch_select_indices(idx)
+            self.mask, self.pos, self.cur = self.mask[idx], self.pos[idx], self.cur[idx]
+            self.rows = [self.rows[k] for k in keep]
+            self.starts = [self.starts[k] for k in keep]
+            self.live = [True] * len(keep)
+            self._prune()
+            self._replan(self.n + (remaining + 1) // 2)
+        return finished
+
+    def cancel(self) -> list[int]:
+        """End every live row ("cancelled", with the tokens it has); returns their request indices."""
+        out = [j for k, j in enumerate(self.rows) if self.live[k]]
+        for j in out:
+            self.reason[j] = "cancelled"
+        self.live = [False] * len(self.rows)
+        self.cache = None
+        return out

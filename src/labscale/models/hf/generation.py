@@ -18,6 +18,18 @@ fallback, a StoppingCriteria after each step). Once it returns True the call ret
 batch that had not finished keep the tokens generated so far, and requests whose batch had not started get no
 tokens; both have finish_reason "cancelled". Cancelled results are partial: callers must not cache or score them
 (`labscale serve` answers them 503 at shutdown; evaluation never passes `should_stop`).
+
+Continuous batching. `generate(..., admit=f, on_result=g)` keeps one batch decoding while requests come and go
+(what `labscale serve` uses): before each decode step it asks `admit(n)` for at most n new requests (n = the free
+rows of `spec.batch_size`), which are prefilled and join the batch at that step (fastdecode.py `DecodeBatch`); a
+request that finishes leaves the batch at once and is handed to `on_result(index, result)` (indices: `requests`
+first, then admitted requests in the order admitted). Requests with different decoding parameters and adapters
+share the batch. The call returns once the batch is empty and `admit` offers nothing; results are handed to
+`on_result` only (the call returns an empty list, and keeps nothing of a request once it is handed over: a
+server's generation can run for as long as requests keep coming). A request that cannot run (unknown adapter, too long) gets its ModelError as its result instead of
+failing the others. Models the fast path does not suit run each admitted group through `model.generate`.
+`latency_s` is then the request's time from joining to finishing and `compute_s` its share of the steps and
+prefill it took part in.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ if TYPE_CHECKING:
 
 TokenCallback = Callable[[int, int], None]  # (request index, new token id)
 ShouldStop = Callable[[], bool]  # True: cancel (see the module docstring)
+Admit = Callable[[int], list[GenerationRequest]]  # at most n new requests that join the running batch
+ResultCallback = Callable[[int, "GenerationResult | Exception"], None]  # (request index, its result)
 CANCELLED = "cancelled"  # the finish reason of a row cut by `should_stop`
 
 
@@ -45,8 +59,12 @@ def generate(
     progress: Progress | None = None,
     on_token: TokenCallback | None = None,
     should_stop: ShouldStop | None = None,
+    admit: Admit | None = None,
+    on_result: ResultCallback | None = None,
 ) -> list[GenerationResult]:
     """Results in request order (see the module docstring)."""
+    if on_result is not None:
+        return generate_continuous(backend, requests, progress, on_token, should_stop, admit, on_result)
     if not requests:
         return []
     backend.adapter_set.check([r.adapter for r in requests])
@@ -117,24 +135,142 @@ def generate_batch(
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    results = []
-    for ids, (gen, reason) in zip(batch, out):
-        text = tok.decode(gen, skip_special_tokens=True)
-        if params.stop:
-            cut = min((p for p in (text.find(s) for s in params.stop) if p >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-        results.append(
-            GenerationResult(
-                text=text,
-                prompt_tokens=len(ids),
-                new_tokens=len(gen),
-                latency_s=wall,
-                compute_s=wall / len(batch),
-                finish_reason=reason,
-            )
-        )
-    return results
+    return [finished_result(tok, ids, gen, reason, params, wall, wall / len(batch)) for ids, (gen, reason) in
+            zip(batch, out)]
+
+
+def finished_result(tok, ids: list[int], gen: list[int], reason: str, params, latency: float,
+                    compute: float) -> GenerationResult:
+    """A row's GenerationResult: its new tokens decoded (special tokens skipped), cut at the first stop string."""
+    text = tok.decode(gen, skip_special_tokens=True)
+    if params.stop:
+        cut = min((p for p in (text.find(s) for s in params.stop) if p >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+    return GenerationResult(text=text, prompt_tokens=len(ids), new_tokens=len(gen), latency_s=latency,
+                            compute_s=compute, finish_reason=reason)
+
+
+def generate_continuous(
+    backend: HFBackend,
+    requests: list[GenerationRequest],
+    progress: Progress | None,
+    on_token: TokenCallback | None,
+    should_stop: ShouldStop | None,
+    admit: Admit | None,
+    on_result: ResultCallback,
+) -> list:
+    """Continuous batching (see the module docstring)."""
+    import contextlib
+
+    import torch
+
+    from labscale.models.hf.adapters import BASE_ADAPTER
+    from labscale.models.hf.fastdecode import DecodeBatch
+
+    model = backend.model
+    tok = backend.tokenizer
+    adapter_set = backend.adapter_set
+    eos, pad = backend.eos_ids, backend.pad_id
+    ctx = backend.context_length
+    bs = backend.spec.batch_size
+    # With (unpinned) adapters loaded every row names its adapter (the base rows "__base__") and adapter layers
+    # stay on for the call: a base row then computes exactly the base model, and rows of any adapter share steps.
+    per_row = adapter_set.peft is not None and adapter_set.pinned is None
+    every: dict[int, GenerationRequest] = {}  # requests not yet handed over, by index
+    count = [0]
+    encoded: dict[int, list[int]] = {}
+    joined: dict[int, float] = {}
+    compute: dict[int, float] = {}
+    waiting: list[int] = []
+
+    def deliver(i: int, res) -> None:
+        for d in (every, encoded, joined, compute):
+            d.pop(i, None)
+        if on_result is not None:
+            on_result(i, res)
+        if progress is not None:
+            progress(1)
+
+    def take(new: list[GenerationRequest]) -> None:
+        for r in new:
+            i = count[0]
+            count[0] += 1
+            every[i] = r
+            try:
+                adapter_set.check([r.adapter])
+                ids = backend.encode(r.prompt)
+                if len(ids) + r.params.max_new_tokens > ctx:
+                    raise ModelError(f"a prompt of {len(ids)} tokens plus {r.params.max_new_tokens} new tokens "
+                                     f"exceeds {backend.display_name}'s context length of {ctx}",
+                                     "use a shorter prompt, or lower max_tokens")
+            except ModelError as e:
+                deliver(i, e)
+                continue
+            encoded[i] = ids
+            waiting.append(i)
+
+    def forward_for(names):
+        return adapter_set.forward(model, names)
+
+    take(requests)
+    sampled = [r for r in every.values() if r.params.temperature > 0]
+    if sampled:
+        torch.manual_seed(sampled[0].params.seed)
+    batch = DecodeBatch(backend.fast_decoder, forward_for, set(eos), pad, tok, on_token)
+    scope = adapter_set.scope([BASE_ADAPTER]) if per_row else contextlib.nullcontext()
+    with torch.inference_mode(), scope:
+        while True:
+            if should_stop is not None and should_stop():
+                now = time.perf_counter()
+                for j in batch.cancel():
+                    gen, _ = batch.take(j)
+                    deliver(j, finished_result(tok, encoded[j], gen, CANCELLED, every[j].params, now - joined[j],
+                                               compute[j]))
+                for i in waiting:
+                    deliver(i, GenerationResult("", len(encoded[i]), 0, 0.0, 0.0, finish_reason=CANCELLED))
+                break
+            free = bs - batch.running
+            if admit is not None and free > len(waiting):
+                take(admit(free - len(waiting)))
+            new, waiting[:] = waiting[:free], waiting[free:]
+            if new:
+                t0 = time.perf_counter()
+                names = [every[i].adapter or BASE_ADAPTER for i in new] if per_row else None
+                with oom_guard(backend.display_name, backend.device, batch.running + len(new)):
+                    ok = backend.fast_decoder.suitable is not False and batch.add(
+                        [encoded[i] for i in new], [every[i].params for i in new], names, new)
+                if not ok:  # the model does not suit the fast path (or one-token prompts only): model.generate
+                    by_params: dict[Any, list[int]] = defaultdict(list)
+                    for i in new:
+                        by_params[every[i].params].append(i)
+                    for params, idxs in by_params.items():
+                        cb = None if on_token is None else (lambda k, t, idxs=idxs: on_token(idxs[k], t))
+                        out = generate_batch(backend, [encoded[i] for i in idxs], params,
+                                             [every[i].adapter for i in idxs], cb, should_stop)
+                        for i, res in zip(idxs, out):
+                            deliver(i, res)
+                    continue
+                dt = (time.perf_counter() - t0) / len(new)
+                for i in new:
+                    joined[i], compute[i] = t0, dt
+            if not batch.running:
+                if waiting:
+                    continue
+                break
+            t0 = time.perf_counter()
+            rows = [j for k, j in enumerate(batch.rows) if batch.live[k]]
+            with oom_guard(backend.display_name, backend.device, len(rows)):
+                done = batch.step()
+            now = time.perf_counter()
+            share = (now - t0) / len(rows)
+            for j in rows:
+                compute[j] += share
+            for j in done:
+                gen, reason = batch.take(j)
+                deliver(j, finished_result(tok, encoded[j], gen, reason, every[j].params, now - joined[j],
+                                           compute[j]))
+    return []
 
 
 def generation_config(params, eos: list[int], pad: int):

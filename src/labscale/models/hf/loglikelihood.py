@@ -2,16 +2,37 @@
 
 Pairs are tokenized by `Encoder.encode_pair` (trailing context whitespace moves to the continuation; an empty
 context becomes the BOS or EOS token). Input longer than the context window is truncated from the left; a
-continuation longer than the window is an error. Identical (input, continuation) pairs are computed once;
-batches are sorted longest first, right-padded, and only the logits at continuation positions are computed where
-the model accepts `logits_to_keep`. `is_greedy`: every continuation token is the argmax. A result's `compute_s`
-is its share of its batch's wall time (split among duplicates).
+continuation longer than the window is an error. Identical (context, continuation) pairs are computed once.
+`is_greedy`: every continuation token is the argmax. A result's `compute_s` is its share of its batch's wall time
+(split among duplicates).
+
+Shared-prefix scoring (the default where the model suits it). A multiple-choice question asks for the same
+context with several continuations; lm-evaluation-harness runs one row (context + continuation) per choice, so the
+context is computed once per choice. Here the requests that share a context's tokens are packed into ONE row:
+
+    context c_1…c_n | choice 1 (all but its last token) | choice 2 (all but its last token) | …
+
+with an explicit 4-D attention mask (each choice's tokens see the context and the earlier tokens of their own
+choice only) and explicit position ids (every choice starts at position n, as in its own row). Each choice's
+first token is predicted at c_n, shared by all (lm-eval's one-token-continuation trick, generalised), and its
+later tokens at its own positions. Mathematically this is the same computation as one row per choice (each
+position sees exactly the tokens it would see there); in floating point the sums differ by rounding only. Rows are
+sorted by length and right-padded (padding attends to itself only, so nothing is NaN); only the logits at scored
+positions are computed where the model accepts `logits_to_keep`. A packed row is at most the context window long
+(more choices go to more rows).
+
+Packing applies to decoder-only models with position ids, full attention everywhere (no sliding window: a custom
+mask replaces the model's own) and an SDPA or eager attention. The first packed row of each backend is also scored
+the plain way and compared (`PACK_TOLERANCE`); a model that does not honour a custom 4-D mask falls back to the plain
+path for good. Requests that need left truncation are scored the plain way: one right-padded row each.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labscale.errors import ModelError
@@ -21,6 +42,37 @@ from labscale.models.hf.loading import oom_guard
 if TYPE_CHECKING:
     from labscale.models.hf.backend import HFBackend
 
+PACK_TOLERANCE = 1e-3  # largest |packed - plain| log-probability (nats) accepted by the first-batch check
+PACK_ATTENTION = ("sdpa", "eager", "labscale_sdpa")  # implementations that take a custom 4-D mask
+
+
+@dataclass
+class _Row:
+    """One packed row: a context and the continuations scored against it."""
+
+    ctx: tuple
+    conts: list[tuple]
+
+    @property
+    def length(self) -> int:
+        return len(self.ctx) + sum(len(c) - 1 for c in self.conts)
+
+
+def packing_suits(model) -> bool:
+    """Whether shared-prefix scoring applies to `model` (see the module docstring; checked again on first use)."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return False
+    return getattr(cfg, "_attn_implementation", None) in PACK_ATTENTION
+
 
 def loglikelihood(
     backend: HFBackend, requests: list[LoglikelihoodRequest], progress: Progress | None = None
@@ -29,8 +81,7 @@ def loglikelihood(
         return []
     max_len = backend.context_length
     pairs = [backend.encode_pair(r.context, r.continuation) for r in requests]
-    items = []  # (input tokens, continuation length)
-    for (ctx, cont), r in zip(pairs, requests):
+    for (_, cont), r in zip(pairs, requests):
         if not cont:
             raise ModelError(
                 f"empty continuation for context ending '{r.context[-40:]}'", "every choice must be non-empty"
@@ -40,31 +91,152 @@ def loglikelihood(
                 f"a continuation of {len(cont)} tokens exceeds {backend.display_name}'s context length of {max_len}",
                 "shorten the answer choices",
             )
-        inp = (ctx + cont)[-(max_len + 1) :][:-1]
-        items.append((inp, cont))
     model = backend.model
-    # Identical inputs are computed once; longest first, and ties kept together so shared contexts batch.
+    # Identical pairs are computed once.
     unique: dict[tuple, list[int]] = defaultdict(list)
-    for i, (inp, cont) in enumerate(items):
-        unique[(tuple(inp), tuple(cont))].append(i)
-    keys = sorted(unique, key=lambda k: (-len(k[0]), k[0][:64]))
+    for i, (ctx, cont) in enumerate(pairs):
+        unique[(tuple(ctx), tuple(cont))].append(i)
     results: list[LoglikelihoodResult | None] = [None] * len(requests)
+    done: dict[tuple, LoglikelihoodResult] = {}
+
+    def deliver(out: dict[tuple, LoglikelihoodResult]) -> None:
+        n = 0
+        for key, res in out.items():
+            done[key] = res
+            for i in unique[key]:
+                results[i] = LoglikelihoodResult(res.logprob, res.is_greedy, res.n_tokens,
+                                                 res.compute_s / len(unique[key]))
+            n += len(unique[key])
+        if progress is not None:
+            progress(n)
+
     bs = backend.spec.batch_size
     pad = backend.pad_id
-    for start in range(0, len(keys), bs):
-        batch = keys[start : start + bs]
+    keep = backend.accepts_logits_to_keep
+    if backend.pack_loglikelihoods is None:
+        backend.pack_loglikelihoods = packing_suits(model)
+    fits = [k for k in unique if len(k[0]) + len(k[1]) <= max_len + 1]
+    plain = [k for k in unique if len(k[0]) + len(k[1]) > max_len + 1]
+    if backend.pack_loglikelihoods and fits:
+        rows = pack_rows(fits, max_len)
+        rows.sort(key=lambda r: (-r.length, r.ctx[:64]))
+        for start in range(0, len(rows), bs):
+            batch = rows[start : start + bs]
+            with oom_guard(backend.display_name, backend.device, len(batch)):
+                out = score_packed(model, batch, pad, keep)
+                if backend.pack_verified is None:  # the first row again, the plain way
+                    first = [(batch[0].ctx, cont) for cont in batch[0].conts]
+                    backend.pack_verified = agrees(out, score_plain_keys(model, first, max_len, pad, keep))
+                    if not backend.pack_verified:
+                        backend.pack_loglikelihoods = False
+                        plain += [k for k in fits if k not in done]
+                        break
+            deliver(out)
+    else:
+        plain += fits
+    # Plain scoring: one row per pair, longest first, ties kept together so shared contexts batch.
+    plain.sort(key=lambda k: (-(len(k[0]) + len(k[1])), k[0][:64]))
+    for start in range(0, len(plain), bs):
+        batch = plain[start : start + bs]
         with oom_guard(backend.display_name, backend.device, len(batch)):
-            out = score_batch(model, batch, pad, backend.accepts_logits_to_keep)
-        for key, res in zip(batch, out):
-            for i in unique[key]:
-                results[i] = LoglikelihoodResult(res.logprob, res.is_greedy, res.n_tokens, res.compute_s)
-        if progress is not None:
-            progress(sum(len(unique[k]) for k in batch))
-    # compute_s is shared among duplicates so it still sums to the compute time
-    for idxs in unique.values():
-        for i in idxs:
-            results[i].compute_s /= len(idxs)  # type: ignore[union-attr]
+            deliver(score_plain_keys(model, batch, max_len, pad, keep))
     return results  # type: ignore[return-value]
+
+
+def agrees(packed: dict[tuple, LoglikelihoodResult], plain: dict[tuple, LoglikelihoodResult]) -> bool:
+    """Whether the packed results of the keys in `plain` equal those (within PACK_TOLERANCE)."""
+    return all(abs(packed[k].logprob - r.logprob) <= PACK_TOLERANCE and packed[k].is_greedy == r.is_greedy
+               for k, r in plain.items())
+
+
+def pack_rows(keys: list[tuple], max_len: int) -> list[_Row]:
+    """Group (context, continuation) keys by context into rows of at most `max_len` tokens."""
+    by_ctx: dict[tuple, list[tuple]] = defaultdict(list)
+    for ctx, cont in keys:
+        by_ctx[ctx].append(cont)
+    rows: list[_Row] = []
+    for ctx, conts in by_ctx.items():
+        row = _Row(ctx, [])
+        for cont in sorted(conts, key=len, reverse=True):
+            if row.conts and row.length + len(cont) - 1 > max_len:
+                rows.append(row)
+                row = _Row(ctx, [])
+            row.conts.append(cont)
+        rows.append(row)
+    return rows
+
+
+def score_packed(model, batch: list[_Row], pad: int, logits_to_keep: bool) -> dict[tuple, LoglikelihoodResult]:
+    """One forward pass over packed rows (see the module docstring)."""
+    import torch
+
+    device = model.device
+    width = max(r.length for r in batch)
+    n = len(batch)
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    allowed = torch.zeros((n, width, width), dtype=torch.bool)
+    spans: list[list[tuple[int, int]]] = []  # per row, per continuation: (first own position, length)
+    for j, row in enumerate(batch):
+        c = len(row.ctx)
+        input_ids[j, :c] = torch.tensor(row.ctx, dtype=torch.long)
+        position_ids[j, :c] = torch.arange(c)
+        allowed[j, :c, :c] = torch.ones((c, c), dtype=torch.bool).tril()
+        at = c
+        row_spans = []
+        for cont in row.conts:
+            k = len(cont) - 1  # the last token is only a target
+            if k:
+                input_ids[j, at : at + k] = torch.tensor(cont[:-1], dtype=torch.long)
+                position_ids[j, at : at + k] = torch.arange(c, c + k)
+                allowed[j, at : at + k, :c] = True
+                allowed[j, at : at + k, at : at + k] = torch.ones((k, k), dtype=torch.bool).tril()
+            row_spans.append((at, k))
+            at += k
+        for p in range(at, width):  # padding: positions continue, each attends to itself (finite, never read)
+            position_ids[j, p] = p
+            allowed[j, p, p] = True
+        spans.append(row_spans)
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+        mask = torch.zeros((n, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    else:  # SDPA takes a boolean mask (True: attend), as transformers' own sdpa_mask builds
+        mask = allowed[:, None]
+    lo = min(len(r.ctx) - 1 for r in batch)
+    kw: dict[str, Any] = {}
+    offset = 0
+    if logits_to_keep:
+        kw["logits_to_keep"] = torch.arange(lo, width, device=device)
+        offset = lo
+    t0 = time.perf_counter()
+    scored: list[tuple[tuple, float, bool, int]] = []
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=position_ids.to(device), use_cache=False, **kw).logits
+        for j, row in enumerate(batch):
+            last = len(row.ctx) - 1 - offset
+            lp_first = logits[j, last].float().log_softmax(-1)
+            for cont, (at, k) in zip(row.conts, spans[j]):
+                target = torch.tensor(cont, dtype=torch.long, device=lp_first.device)
+                lp = lp_first[None]
+                if k:
+                    lp = torch.cat([lp, logits[j, at - offset : at - offset + k].float().log_softmax(-1)])
+                logprob = lp.gather(-1, target[:, None]).sum().item()
+                greedy = bool((lp.argmax(-1) == target).all().item())
+                scored.append(((row.ctx, cont), logprob, greedy, len(cont)))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {key: LoglikelihoodResult(lp, g, m, wall / len(scored)) for key, lp, g, m in scored}
+
+
+def score_plain_keys(model, keys: list[tuple], max_len: int, pad: int,
+                     logits_to_keep: bool) -> dict[tuple, LoglikelihoodResult]:
+    """(context, continuation) keys scored one row each: input = (context + continuation), left-truncated to the
+    window, without its last token (lm-evaluation-harness's layout)."""
+    items = [(tuple((ctx + cont)[-(max_len + 1) :][:-1]), cont) for ctx, cont in keys]
+    return dict(zip(keys, score_batch(model, items, pad, logits_to_keep)))
 
 
 def score_batch(model, batch: list[tuple[tuple, tuple]], pad: int, logits_to_keep: bool) -> list[LoglikelihoodResult]:
