@@ -90,7 +90,9 @@ def run_labscale(steps: int, batch: int, seed: int) -> dict:
 TRL_SIDES = {
     "trl-defaults": {},
     "trl-best": {"micro_batch": 1, "gradient_checkpointing": False, "completion_only_loss": True},
-    "trl-padfree": {"padding_free": True, "gradient_checkpointing": False, "completion_only_loss": True},
+    # max_length None: TRL does not truncate padding-free rows; examples over MAX_LEN are left out beforehand
+    "trl-padfree": {"padding_free": True, "gradient_checkpointing": False, "completion_only_loss": True,
+                    "max_length": None},
 }
 
 
@@ -116,8 +118,8 @@ def run_trl(side: str, steps: int, batch: int, seed: int) -> dict:
         args = SFTConfig(output_dir=tmp, use_cpu=True, bf16=False, max_steps=steps, per_device_train_batch_size=micro,
                          gradient_accumulation_steps=batch // micro, per_device_eval_batch_size=1,
                          learning_rate=LR, seed=seed, report_to="none", save_strategy="no", logging_steps=1,
-                         disable_tqdm=True, include_num_input_tokens_seen="non_padding", max_length=MAX_LEN,
-                         **options)
+                         disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+                         **{"max_length": MAX_LEN, **options})
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(examples)),
                              eval_dataset=Dataset.from_list(rows(_dev(task, backend))),
                              processing_class=backend.tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))

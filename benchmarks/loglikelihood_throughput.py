@@ -32,26 +32,6 @@ import time
 from pathlib import Path
 
 MODEL = "embedded:smollm2-135m-instruct"
-TASK_YAML = """task: obqa_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: question_stem
-doc_to_target: "{{{{choices.label.index(answerKey.lstrip())}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 def load() -> str:
@@ -60,26 +40,19 @@ def load() -> str:
 
 def choose(lls: list[float], choices, gold: int) -> tuple[int, int, float, float]:
     """(choice, length-normalised choice, acc, acc_norm) as lm-eval's multiple_choice process_results."""
-    import numpy as np
+    from labscale.tasks.lm_eval_task import picks
 
-    pred = int(np.argmax(lls))
-    pred_norm = int(np.argmax(np.array(lls) / np.array([float(len(c)) for c in choices])))
+    pred, pred_norm = picks(lls, choices)
     return pred, pred_norm, float(pred == gold), float(pred_norm == gold)
 
 
 def write_inputs(folder: Path, n: int, batch: int):
     """The lm-eval task folder and the labscale experiment file, over the same `n` questions."""
+    from labscale.tasks.lm_eval_task import write_lm_eval_task
     from labscale.tasks.registry import get_task
 
     examples = get_task("openbookqa", folder).split("test", n)  # exactly the questions `labscale run` scores
-    data = folder / "obqa.jsonl"
-    with open(data, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"id": ex.id, "question_stem": ex.input, "answerKey": "ABCD"[ex.gold],
-                                "choices": {"text": list(ex.choices), "label": list("ABCD")}}) + "\n")
-    tasks = folder / "lmeval_tasks"
-    tasks.mkdir()
-    (tasks / "obqa_local.yaml").write_text(TASK_YAML.format(path=data))
+    tasks = write_lm_eval_task(examples, folder)
     exp = folder / "exp.yaml"
     exp.write_text(json.dumps({"name": "obqa-bench", "models": [{"id": MODEL, "batch_size": batch}],
                                "tasks": ["openbookqa"], "settings": ["zero-shot"], "limit": n,
@@ -118,13 +91,12 @@ def run_lmeval(folder: Path, tasks: Path, pretrained: Path, rep: int, batch: int
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         sys.exit(f"lm-eval failed:\n{res.stderr[-3000:]}")
-    samples = sorted(out.rglob("samples_obqa_local_*.jsonl"))
-    if not samples:
-        sys.exit(f"lm-eval wrote no samples under {out}")
-    per = {}
-    for line in samples[-1].read_text(encoding="utf-8").splitlines():
-        s = json.loads(line)
-        per[s["doc"]["id"]] = [float(r[0]) for r in s["filtered_resps"]]
+    from labscale.tasks.lm_eval_task import lm_eval_samples
+
+    try:
+        per = lm_eval_samples(out)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     if len(per) != n:
         sys.exit(f"lm-eval scored {len(per)} questions, expected {n}")
     return wall, per

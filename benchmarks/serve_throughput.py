@@ -158,7 +158,12 @@ async def staggered(url: str, model: str, texts: list[str], clients: int, per_cl
 
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    import httpx2
+
+    # A fresh connection per request, for every server alike: llama-server's HTTP library closes a keep-alive
+    # connection after a few requests, which a reused pooled connection meets as "server disconnected".
+    http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0), timeout=600)
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600, http_client=http)
     ttft: list[float] = []
     total: list[float] = []
     tokens = [0]
@@ -199,21 +204,38 @@ def section_ttft(args, adapters: dict[str, str]) -> None:
 
     texts = prompts(max(args.n, 32))
     servers: dict[str, tuple[subprocess.Popen, str, str]] = {}  # label -> (process, url, model name)
+    logs = tempfile.TemporaryDirectory(prefix="labscale-serve-bench-")
+    log_of: dict[str, Path] = {}
+
+    def log_file(label: str):  # server output goes to a file: an undrained pipe would stall a chatty server
+        log_of[label] = Path(logs.name) / f"{len(log_of)}.log"
+        return open(log_of[label], "w")
+
+    def measure(label: str, base: str, model: str, clients: int, per_client: int, stagger_s: float) -> dict:
+        try:
+            return asyncio.run(staggered(base + "/v1", model, texts, clients, per_client, stagger_s))
+        except Exception as e:  # noqa: BLE001 - name the server and show its last words
+            proc = servers[label][0]
+            tail = log_of[label].read_text(errors="replace")[-3000:]
+            sys.exit(f"{label}: {type(e).__name__}: {e} (server {'exited ' + str(proc.poll()) if proc.poll() is not None else 'running'})\n{tail}")
+
     try:
         for mode in ("dynamic", "continuous"):
             port = free_port()
             cmd = [sys.executable, "-m", "labscale.cli", "serve", "--model", MODEL, "--port", str(port),
                    "--batch-size", str(args.batch_size), "--batching", mode]
-            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-            servers[f"labscale, {mode} batching"] = (proc, f"http://127.0.0.1:{port}", MODEL)
+            label = f"labscale, {mode} batching"
+            proc = subprocess.Popen(cmd, stderr=log_file(label), text=True)
+            servers[label] = (proc, f"http://127.0.0.1:{port}", MODEL)
         binary, why = llama_server()
         if binary is not None:
             port = free_port()
             env = {**os.environ, "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
             cmd = [str(binary), "-m", str(smollm2_gguf()), "--port", str(port), "--host", "127.0.0.1",
                    "--parallel", str(args.clients), "-c", str(512 * args.clients), "-t", str(os.cpu_count() or 2)]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-            servers[f"llama-server --parallel {args.clients}"] = (proc, f"http://127.0.0.1:{port}", "smollm2")
+            label = f"llama-server --parallel {args.clients}"
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file(label), text=True, env=env)
+            servers[label] = (proc, f"http://127.0.0.1:{port}", "smollm2")
         for label, (proc, base, _) in servers.items():
             wait_up(proc, base, label)
         n = args.clients * args.per_client
@@ -223,12 +245,11 @@ def section_ttft(args, adapters: dict[str, str]) -> None:
         if binary is None:
             print(f"    llama-server: skipped ({why})")
         for label, (_, base, model) in servers.items():  # warm-up: first-call allocations
-            asyncio.run(staggered(base + "/v1", model, texts, 2, 1, 0.0))
+            measure(label, base, model, 2, 1, 0.0)
         runs: dict[str, list[dict]] = {label: [] for label in servers}
         for rnd in range(args.reps):
             for label, (_, base, model) in servers.items():
-                runs[label].append(asyncio.run(staggered(base + "/v1", model, texts, args.clients,
-                                                         args.per_client, args.stagger_s)))
+                runs[label].append(measure(label, base, model, args.clients, args.per_client, args.stagger_s))
             print(f"    round {rnd + 1}: " + "; ".join(
                 f"{label.split(',')[-1].strip()} TTFT p50 {r[-1]['ttft_p50']:.2f} s" for label, r in runs.items())
                 + f"; {load()}")
@@ -252,6 +273,7 @@ def section_ttft(args, adapters: dict[str, str]) -> None:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        logs.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,7 @@ def test_odd_experiment_paths_and_encodings(tmp_path, db, capsys, monkeypatch):
     assert dump(db) == before
 
 
+@pytest.mark.slow
 def test_yaml_11_booleans_and_numbers_are_the_labels_written(tmp_path, base, capsys, monkeypatch):
     (tmp_path / "yn.csv").write_text("text,label\n" + "".join(f"t{i},{'yes' if i % 2 else 'no'}\n" for i in range(9)))
     (tmp_path / "01.csv").write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(9)))

@@ -139,6 +139,7 @@ def test_macro_bootstrap():
     assert big[2] - big[1] < (high - low) / 2  # ten times the examples: a narrower interval
 
 
+@pytest.mark.slow
 def test_the_group_row_reaches_the_report(tiny_llm, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exp = write_experiment(tmp_path / "g.yaml", name="g", models=[f"hf:{tiny_llm}"], tasks=["lamini-suite"],
@@ -177,6 +178,7 @@ def _distill_exp(folder: Path, tiny_llm: str, **extra) -> Path:
                                           "overrides": {"eval_every": 1}, "name": "student-gold"}, adaptation])
 
 
+@pytest.mark.slow
 def test_teacher_answers_become_the_training_targets(tiny_llm, workdir, capsys, monkeypatch):
     from labscale.adapt import distill
 
@@ -231,6 +233,7 @@ def test_teacher_answers_become_the_training_targets(tiny_llm, workdir, capsys, 
     assert "fine-tuning" not in err
 
 
+@pytest.mark.slow
 def test_an_interrupted_labelling_resumes_without_repeating_a_call(tiny_llm, workdir, capsys, monkeypatch):
     from labscale.models.hf import HFBackend
 
@@ -254,6 +257,7 @@ def test_an_interrupted_labelling_resumes_without_repeating_a_call(tiny_llm, wor
     assert "teacher calls: 3 new, 2 cached" in err
 
 
+@pytest.mark.slow
 def test_a_stop_after_labelling_reuses_the_dataset(tiny_llm, workdir, capsys, monkeypatch):
     from labscale.adapt import distill
 
@@ -320,6 +324,7 @@ def _api_teacher(server, price=(0.0, 0.0)) -> dict:
             "price": {"input": price[0], "output": price[1]}}
 
 
+@pytest.mark.slow
 def test_rationales_build_predict_and_explain_prompts(tiny_llm, tmp_path, capsys, monkeypatch):
     from labscale.adapt import distill
     from labscale.adapt.data import EXPLAIN_REQUEST
@@ -538,6 +543,7 @@ def test_generation_prompts_are_seeded_and_lamini_shaped():
     assert all(generation_prompt(seeds, topics, i, 0, 5, 0.0)[1] == "example-guided" for i in range(20))
 
 
+@pytest.mark.slow
 def test_instruction_distillation_end_to_end(tiny_llm, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     payload = ("[[answer:<example>Write a short poem about the ocean at night.</example><example>Write a short poem "
@@ -578,6 +584,7 @@ def test_instruction_distillation_end_to_end(tiny_llm, tmp_path, capsys, monkeyp
 # ------------------------------------------------------------------------------------------- the CLI commands
 
 
+@pytest.mark.slow
 def test_distill_task_from_the_command_line(tiny_llm, workdir, capsys, monkeypatch):
     exp = write_experiment(workdir / "n.yaml", name="n", models=[f"hf:{tiny_llm}"], tasks=[notes_spec()])
     args = ["distill", "task", "--teacher", f"hf:{tiny_llm}", "--student", f"hf:{tiny_llm}", "--task", "notes",

@@ -50,6 +50,7 @@ def experiment(tmp_path, tiny_long, notes_csv):
     )
 
 
+@pytest.mark.slow
 def test_run_rerun_and_report(tmp_path, experiment, capsys, monkeypatch):
     db = tmp_path / "out" / "tiny.db"
     code, out, err = cli(capsys, monkeypatch, "run", experiment, "--db", db)
@@ -72,6 +73,7 @@ def test_run_rerun_and_report(tmp_path, experiment, capsys, monkeypatch):
     assert code == 0 and (tmp_path / "again.md").read_text() == (tmp_path / "out" / "tiny.md").read_text()
 
 
+@pytest.mark.slow
 def test_limit_override_and_provenance(tmp_path, experiment, capsys, monkeypatch):
     db = tmp_path / "p.db"
     code, _, err = cli(capsys, monkeypatch, "run", experiment, "--db", db, "--limit", "2")
@@ -93,6 +95,7 @@ def test_limit_override_and_provenance(tmp_path, experiment, capsys, monkeypatch
     assert gen["prompt_tokens"] > 0 and 0 < gen["new_tokens"] <= 8 and gen["latency_s"] > 0
 
 
+@pytest.mark.slow
 def test_greedy_reruns_reproduce_scores_exactly(tmp_path, experiment, capsys, monkeypatch):
     scores = []
     for name in ("a.db", "b.db"):
@@ -104,6 +107,7 @@ def test_greedy_reruns_reproduce_scores_exactly(tmp_path, experiment, capsys, mo
     assert scores[0] == scores[1] and len(scores[0]) > 20
 
 
+@pytest.mark.slow
 def test_stored_scores_equal_reference_libraries(tmp_path, experiment, capsys, monkeypatch):
     from rouge_score import rouge_scorer
     from sklearn.metrics import accuracy_score, f1_score
@@ -154,6 +158,7 @@ def test_relative_model_path_resolves_against_the_experiment_file(tmp_path, tiny
     assert "| hf:./model |" in (tmp_path / "rel.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_of_an_interrupted_experiment_marks_pending_runs(tmp_path, experiment, capsys, monkeypatch):
     db = tmp_path / "i.db"
     assert cli(capsys, monkeypatch, "run", experiment, "--db", db, "--limit", "2")[0] == 0

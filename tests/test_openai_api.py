@@ -65,6 +65,7 @@ def _predictions(db):
     return rows
 
 
+@pytest.mark.slow
 def test_faults_are_retried_recorded_and_the_run_completes(tmp_path, capsys, monkeypatch, fast_backoff):
     with FaultServer(key=SECRET, hang_s=2.5) as server:
         exp = _experiment(tmp_path, server)
@@ -138,6 +139,7 @@ def _scan_for(secret: str, folder, *texts: str) -> list[str]:
     return hits + [t[:80] for t in texts if secret in t]
 
 
+@pytest.mark.slow
 def test_keys_echoed_in_error_bodies_are_redacted_everywhere(tmp_path, capsys, monkeypatch, fast_backoff):
     """A server that echoes the key in 400, 500 and 401 bodies: the key reaches no file, stdout or stderr."""
     rows = [("ok1", "Is water wet? [[answer:yes]]", "yes"), ("e400", "Echo [[fault:echo400]]", "no"),
@@ -266,6 +268,7 @@ def test_multiple_choice_on_an_api_model_uses_the_letter_protocol(tmp_path, caps
     assert "openbookqa (acc, generate, n=5) | 0.200 [0.000, 0.600] |" in report
 
 
+@pytest.mark.slow
 def test_mixed_protocols_name_both_metrics(tmp_path, capsys, monkeypatch, fast_backoff, tiny_llm):
     with FaultServer(key=SECRET) as server:
         exp = write_experiment(tmp_path / "mix.yaml", name="mix", models=[_model(server), f"hf:{tiny_llm}"],

@@ -230,6 +230,7 @@ def test_dp_resume_keeps_the_accountant(tiny_llm, notes, tmp_path):
     assert wa.keys() == wb.keys() and all(wa[k].allclose(wb[k], atol=1e-6) for k in wa)
 
 
+@pytest.mark.slow
 def test_qlora_with_dp_trains_on_cpu(tiny_llm, notes, tmp_path):
     result = finetune(options(tiny_llm, notes, tmp_path / "q", quant="4bit", max_steps=2, dp=DPSpec(epsilon=8)),
                       say=quiet)
@@ -281,6 +282,7 @@ def test_bad_privacy_input_is_one_line(extra, message, tiny_llm, exp_file, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_dp_budget_refusal_leaves_nothing_behind(tiny_llm, exp_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "a"
     code, _, err = cli(capsys, monkeypatch, "finetune", "--model", f"hf:{tiny_llm}", "--task", "notes",

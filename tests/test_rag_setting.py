@@ -104,6 +104,7 @@ def test_the_passages_block_is_numbered_and_goes_before_the_task_prompt():
 # -- end to end on the tiny model -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rag_run_stores_passages_and_scores_retrieval(tmp_path, kb, tiny_llm, capsys, monkeypatch):
     from labscale.metrics.retrieval import recall_at_k, reciprocal_rank
     from labscale.retrieval import load_collection, load_index, query_for
@@ -149,6 +150,7 @@ def test_rag_run_stores_passages_and_scores_retrieval(tmp_path, kb, tiny_llm, ca
     assert len(_rows(db, "SELECT id FROM runs WHERE setting = 'rag:2'")) == 2
 
 
+@pytest.mark.slow
 def test_the_index_is_built_once_per_collection_and_shared_by_models(tmp_path, kb, tiny_llm, capsys, monkeypatch):
     from labscale.retrieval import bm25
 
@@ -207,6 +209,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_rag_input_is_one_line_and_writes_nothing(case, tmp_path, kb, tiny_llm, capsys, monkeypatch):
     change, message = BAD[case]
@@ -222,6 +225,7 @@ def test_bad_rag_input_is_one_line_and_writes_nothing(case, tmp_path, kb, tiny_l
     assert dump(db) == before
 
 
+@pytest.mark.slow
 def test_the_context_error_names_the_most_passages_that_fit(tmp_path, kb, tiny_llm, capsys, monkeypatch):
     (tmp_path / "mid").mkdir()
     for i in range(4):

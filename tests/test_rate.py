@@ -48,6 +48,7 @@ def test_items_and_sequence(db):
     assert any(sides) and not all(sides)
 
 
+@pytest.mark.slow
 def test_rate_resume_and_store(db):
     with serving(db) as (url, items):
         c = httpx.Client(base_url=url)
@@ -178,6 +179,7 @@ def _pairwise_answer(prompt: str) -> str:
     return "1" if "closed" in first else "2" if "summary 0" not in first else "maybe"
 
 
+@pytest.mark.slow
 def test_judge_both_orders_cache_and_report(db, capsys, monkeypatch):
     backend = Scripted(lambda p: "A" if "closed" in p.split("Response:")[1] else "Grade: D")
     monkeypatch.setattr("labscale.models.registry.resolve_model", lambda spec: backend)

@@ -171,6 +171,7 @@ def test_stop_strings_and_eos(client, reference):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == ref.new_tokens
 
 
+@pytest.mark.slow
 def test_streaming_reassembles_to_the_plain_answer(client):
     for model, q in (("tiny", QUESTIONS[0]), ("beta", QUESTIONS[3])):
         plain = client.chat.completions.create(model=model, messages=messages(q), max_tokens=20, temperature=0)
@@ -451,6 +452,7 @@ _HOSTILE = {
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@pytest.mark.slow
 @given(endpoint=st.sampled_from(["chat/completions", "completions"]), data=st.data())
 def test_fuzzed_requests_never_get_a_5xx(served, endpoint, data):
     """Valid requests with 0-2 fields made hostile (or dropped), and whole bodies of any JSON: every answer is a
@@ -523,6 +525,7 @@ class SlowSteps:
         return self._backend.generate(requests, progress, on_token, slow, admit, on_result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "dynamic"])
 def test_a_request_joins_the_running_batch(reference, loras, continuous):
     """Continuous batching: a request that arrives while a batch decodes joins it at the next step and is answered
@@ -562,6 +565,7 @@ def test_concurrent_requests_are_batched(served, batcher):
     assert (batcher.stats.batches, batcher.stats.largest_batch) == (2, 1)
 
 
+@pytest.mark.slow
 def test_mixed_adapter_batch_equals_each_adapter_alone(served, batcher, client, reference):
     models = ["tiny", "alpha", "beta", "alpha", "tiny", "beta"]
     calls = [{"model": m, "messages": messages(q), "max_tokens": 12, "temperature": 0}

@@ -139,6 +139,7 @@ def test_without_max_input_tokens_the_context_error_counts_and_names_the_misfits
     assert "set `max_input_tokens: " in line
 
 
+@pytest.mark.slow
 def test_max_input_tokens_end_to_end(long_notes, tiny_llm, capsys, monkeypatch):
     exp = write_experiment(long_notes / "limit.yaml", name="limit", models=[f"hf:{tiny_llm}"],
                            tasks=[user_spec(split_fractions=[0.0, 0.0, 1.0], id_column="id", max_input_tokens=150)],
@@ -267,6 +268,7 @@ def test_split_errors(tmp_path):
 
 # -- progress off a terminal, and the estimate up front ------------------------------------------------------
 
+@pytest.mark.slow
 def test_plain_progress_lines_and_the_request_estimate(tmp_path, tiny_llm, capsys, monkeypatch):
     jsonl(tmp_path / "n.jsonl", [{"text": f"patient {i} reports pain", "label": "pain"} for i in range(6)])
     exp = write_experiment(tmp_path / "p.yaml", name="p", models=[f"hf:{tiny_llm}"], settings=["zero-shot", "cot"],
@@ -431,6 +433,7 @@ def test_help_still_works(capsys, monkeypatch):
 
 # -- permissions -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_report_is_written_with_the_users_umask(tmp_path, tiny_llm, capsys, monkeypatch):
     exp = write_experiment(tmp_path / "u.yaml", name="u", models=[f"hf:{tiny_llm}"], tasks=["fact-check"], limit=1,
                            generation={"max_new_tokens": 1})

@@ -269,6 +269,18 @@ def serve(
                continuous=batching == "continuous")
 
 
+# The training flags `finetune` and both `distill` commands share (config.FinetuneSpec's fields), declared once.
+QUANT_OPT = typer.Option(None, "--quant", help="none | 8bit | 4bit (QLoRA: NF4, double quantization); default: "
+                         "none, or the --experiment model entry's")
+RECIPE_OPT = typer.Option(None, "--recipe", help="auto (default) or a recipe name (see `labscale recipes`)")
+MAX_STEPS_OPT = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)")
+SET_OPT = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE (repeatable)")
+CO2_CAP_OPT = typer.Option(None, "--co2-cap", help="kg CO2eq cap of the training")
+HARDWARE_OPT = typer.Option(None, help="auto (default) | cpu | t4 | a100: picks the recipe and the price")
+PRICE_OPT = typer.Option(None, help="US $ per device-hour (default: by --hardware)")
+COUNTRY_OPT = typer.Option(None, help="ISO alpha-3 code for the grid carbon intensity (default USA)")
+LOG_OPT = typer.Option(None, "--log", help="none (default) | wandb (offline) | mlflow (SQLite beside the adapter)")
+
 # `labscale finetune` spells config.FinetuneSpec's fields as flags; bounds, defaults and checks live there only.
 FINETUNE_FLAGS = {"quantization": "--quant", "overrides": "--set", "budget_usd": "--budget", "co2_cap_kg": "--co2-cap"}
 
@@ -277,24 +289,19 @@ FINETUNE_FLAGS = {"quantization": "--quant", "overrides": "--set", "budget_usd":
 def finetune(
     model: str = typer.Option(..., "--model", help="embedded:<name> or hf:<hub id or local path>"),
     task: str = typer.Option(..., "--task", help="a builtin task, or one defined in --experiment"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit (QLoRA: NF4, double "
-                                        "quantization); default: none, or the --experiment model entry's"),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (default) or a recipe name (see `labscale "
-                                         "recipes`)"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)"),
+    quant: Optional[str] = QUANT_OPT,
+    recipe: Optional[str] = RECIPE_OPT,
+    max_steps: Optional[int] = MAX_STEPS_OPT,
     out: Optional[Path] = typer.Option(None, "--out", help="adapter folder (default: runs/adapters/<identity>)"),
-    log: Optional[str] = typer.Option(None, "--log", help="none (default) | wandb (offline) | mlflow (SQLite "
-                                      "beside the adapter)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE (repeatable)"),
+    log: Optional[str] = LOG_OPT,
+    set_: Optional[list[str]] = SET_OPT,
     seed: Optional[int] = typer.Option(None, help="LoRA initialisation, dropout and data order (default 0)"),
     budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap: refuse or stop before spending more "
                                            "(default 25)"),
-    co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap"),
-    hardware: Optional[str] = typer.Option(None, help="auto (default) | cpu | t4 | a100: picks the recipe and the "
-                                           "price"),
-    price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour (default: by --hardware)"),
-    country: Optional[str] = typer.Option(None, help="ISO alpha-3 code for the grid carbon intensity (default "
-                                          "USA)"),
+    co2_cap: Optional[float] = CO2_CAP_OPT,
+    hardware: Optional[str] = HARDWARE_OPT,
+    price_per_hour: Optional[float] = PRICE_OPT,
+    country: Optional[str] = COUNTRY_OPT,
     experiment: Optional[Path] = typer.Option(None, help="look --task and --model up in this experiment file too"),
     dp: bool = typer.Option(False, "--dp", help="differentially private training (DP-SGD with Opacus, LoRA only)"),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help="--dp: the ε the whole training may spend"),
@@ -437,18 +444,18 @@ def distill_task(
     experiment: Optional[Path] = typer.Option(None, help="look --teacher, --student and --task up in this "
                                               "experiment file too (its decoding and seed apply)"),
     name: Optional[str] = typer.Option(None, "--name", help="the student's name in its card"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit: the student's base"),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (default) or a recipe name"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE"),
+    quant: Optional[str] = QUANT_OPT,
+    recipe: Optional[str] = RECIPE_OPT,
+    max_steps: Optional[int] = MAX_STEPS_OPT,
+    set_: Optional[list[str]] = SET_OPT,
     seed: Optional[int] = typer.Option(None, help="seed (default 0, or --experiment's)"),
     budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap for teacher and student together "
                                            "(default 25)"),
-    co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap of the student's training"),
-    hardware: Optional[str] = typer.Option(None, help="auto | cpu | t4 | a100"),
-    price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour"),
-    country: Optional[str] = typer.Option(None, help="ISO alpha-3 code for the carbon intensity (default USA)"),
-    log: Optional[str] = typer.Option(None, "--log", help="none | wandb | mlflow"),
+    co2_cap: Optional[float] = CO2_CAP_OPT,
+    hardware: Optional[str] = HARDWARE_OPT,
+    price_per_hour: Optional[float] = PRICE_OPT,
+    country: Optional[str] = COUNTRY_OPT,
+    log: Optional[str] = LOG_OPT,
 ) -> None:
     """Task distillation: the teacher answers a task's train inputs; the student is fine-tuned on its answers."""
     _distill({"teacher": teacher, "student": student, "task": task, "teacher_setting": teacher_setting,
@@ -483,18 +490,18 @@ def distill_instructions(
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the data and the student"),
     experiment: Optional[Path] = typer.Option(None, help="look --teacher and --student up in this experiment file"),
     name: Optional[str] = typer.Option(None, "--name", help="the student's name in its card"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="none | 8bit | 4bit: the student's base"),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (default) or a recipe name"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides epochs)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a recipe field: FIELD=VALUE"),
+    quant: Optional[str] = QUANT_OPT,
+    recipe: Optional[str] = RECIPE_OPT,
+    max_steps: Optional[int] = MAX_STEPS_OPT,
+    set_: Optional[list[str]] = SET_OPT,
     seed: Optional[int] = typer.Option(None, help="seed (default 0, or --experiment's)"),
     budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap for teacher and student together "
                                            "(default 25)"),
-    co2_cap: Optional[float] = typer.Option(None, "--co2-cap", help="kg CO2eq cap of the student's training"),
-    hardware: Optional[str] = typer.Option(None, help="auto | cpu | t4 | a100"),
-    price_per_hour: Optional[float] = typer.Option(None, help="US $ per device-hour"),
-    country: Optional[str] = typer.Option(None, help="ISO alpha-3 code for the carbon intensity (default USA)"),
-    log: Optional[str] = typer.Option(None, "--log", help="none | wandb | mlflow"),
+    co2_cap: Optional[float] = CO2_CAP_OPT,
+    hardware: Optional[str] = HARDWARE_OPT,
+    price_per_hour: Optional[float] = PRICE_OPT,
+    country: Optional[str] = COUNTRY_OPT,
+    log: Optional[str] = LOG_OPT,
 ) -> None:
     """Instruction distillation (LaMini): the teacher writes instructions and responses; the student learns them."""
     _distill({"teacher": teacher, "student": student, "name": name,

@@ -112,10 +112,7 @@ def load_results(db: str | Path, experiment: str | None = None) -> Results:
 def _load(store, experiment: str | None) -> Results:
     db = store.path
     try:
-        exp = store.latest_experiment(experiment)
-        if exp is None:
-            what = f"experiment '{experiment}'" if experiment else "any experiment"
-            raise LabscaleError(f"database '{db}' holds no results for {what}", "run `labscale run FILE` first")
+        exp = store.require_experiment(experiment)
         runs = []
         for row in store.experiment_runs(exp["id"]):
             task_info = json.loads(row["task_json"])

@@ -56,11 +56,12 @@ from labscale.adapt.adaptation import AdaptContext, Adapted
 from labscale.adapt.budget import BudgetExceeded
 from labscale.adapt.data import DISTILLED, EXPLAIN_REQUEST, IGNORE, SplitData, TrainExample, encode_explain, has_target
 from labscale.adapt.finetune import FinetuneOptions, TrainingPlan, plan_training, prepare_job, run_job
+from labscale.adapt.session import read_json
 from labscale.atomic import write_atomic
 from labscale.config import Experiment, FinetuneSpec, ModelSpec
 from labscale.efficiency.cost import CostLimitReached, SpendingCap, cost_usd
 from labscale.engine.cache import Counts, GenerationCache
-from labscale.errors import ConfigError, DataError, LabscaleError, ModelError
+from labscale.errors import ConfigError, DataError, ModelError
 from labscale.example import UNPARSEABLE, Example, Outcome
 from labscale.hashing import sha
 from labscale.models.base import DecodingParams, ModelBackend
@@ -261,14 +262,6 @@ def check_folder(folder: Path, identity: str, card_file: str) -> None:
                           "pass another out / --out, or delete that folder to distil again")
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -370,7 +363,24 @@ def rationale_of(text: str) -> str:
     return (text[: marks[-1].start()] if marks else text).strip()
 
 
-class TaskDistillation:
+class DistilledStudent:
+    """What task and instruction distillation share: a folder `out` holding the teacher's dataset (identified by
+    `data_identity`) and, once trained, the student (`_card`, its card when finished)."""
+
+    out: Path
+    data_identity: str
+    _card: dict | None
+
+    @property
+    def reused(self) -> bool:
+        return self._card is not None
+
+    def dataset_ready(self) -> bool:
+        card = read_json(self.out / DATASET_CARD)
+        return card is not None and card.get("identity") == self.data_identity and (self.out / DATA_FILE).is_file()
+
+
+class TaskDistillation(DistilledStudent):
     """The teacher labels a task's train inputs; the student learns its answers (see the module docstring)."""
 
     kind = "distill"
@@ -431,19 +441,11 @@ class TaskDistillation:
                              "set max_input_tokens on the task, or lower max_new_tokens")
         return out
 
-    @property
-    def reused(self) -> bool:
-        return self._card is not None
-
-    def _dataset_ready(self) -> bool:
-        card = read_json(self.out / DATASET_CARD)
-        return card is not None and card.get("identity") == self.data_identity and (self.out / DATA_FILE).is_file()
-
     def estimate(self) -> str:
         head = f"distill {self.label} on {self.task.name} from teacher {self.teacher.label}"
         if self.reused:
             return f"{head}: identical distilled student exists ({self.out / STUDENT_DIR}), reusing it"
-        if self._dataset_ready():
+        if self.dataset_ready():
             teacher = f"teacher's dataset exists ({self.out / DATA_FILE}), no teacher calls"
         else:
             check_estimate(self.label, self.estimated_usd, self.spec.budget_usd, len(self.prompts))
@@ -498,7 +500,7 @@ class TaskDistillation:
     def label_train(self, ctx: AdaptContext) -> dict:
         """The teacher's dataset: read back when this identity's dataset exists, else labelled through the cache
         and written (`data.jsonl`, `dataset.json`)."""
-        if self._dataset_ready():
+        if self.dataset_ready():
             card = read_json(self.out / DATASET_CARD)
             rows = [json.loads(line) for line in (self.out / DATA_FILE).read_text().splitlines() if line.strip()]
             ctx.say(f"teacher's dataset exists: {self.out / DATA_FILE} — no teacher calls")

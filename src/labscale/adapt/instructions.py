@@ -50,6 +50,7 @@ from labscale.adapt.distill import (
     DATASET_CARD,
     DEFAULT_DISTILL_DIR,
     DISTILL_FORMAT,
+    DistilledStudent,
     STUDENT_DIR,
     Teacher,
     ask_teacher,
@@ -59,7 +60,6 @@ from labscale.adapt.distill import (
     finished_student,
     identity_fields,
     ledger_name,
-    read_json,
     run_student,
     student_options,
     teacher_card,
@@ -67,6 +67,7 @@ from labscale.adapt.distill import (
     write_jsonl,
 )
 from labscale.adapt.finetune import plan_training
+from labscale.adapt.session import read_json
 from labscale.atomic import write_atomic
 from labscale.config import FinetuneSpec, InstructionsSpec, ModelSpec
 from labscale.efficiency.cost import SpendingCap, cost_usd
@@ -279,7 +280,7 @@ class InstructionRun:
         return Adapted(spec, backend, self.task, DISTILLED, card, reused or not self.first)
 
 
-class InstructionDistillation:
+class InstructionDistillation(DistilledStudent):
     """The teacher writes instructions and responses; the student learns them (see the module docstring)."""
 
     kind = "distill"
@@ -341,19 +342,11 @@ class InstructionDistillation:
         n = self.ispec.count + (len(self.seeds) if self.ispec.include_seeds else 0)
         return gen + n * (cost_usd(price, longest, self.ispec.response_tokens) or 0.0)
 
-    @property
-    def reused(self) -> bool:
-        return self._card is not None
-
-    def _dataset_ready(self) -> bool:
-        card = read_json(self.out / DATASET_CARD)
-        return card is not None and card.get("identity") == self.data_identity and (self.out / DATA_FILE).is_file()
-
     def estimate(self) -> str:
         head = f"distill {self.label} (instructions) from teacher {self.teacher.label}"
         if self.reused:
             return f"{head}: identical distilled student exists ({self.out / STUDENT_DIR}), reusing it"
-        if self._dataset_ready():
+        if self.dataset_ready():
             teacher = f"teacher's dataset exists ({self.out / DATA_FILE}), no teacher calls"
         else:
             n = self.ispec.count + (len(self.seeds) if self.ispec.include_seeds else 0)
@@ -374,7 +367,7 @@ class InstructionDistillation:
         """The instruction dataset: read back when this identity's exists, else generated through the cache."""
         if self._dataset is not None:
             return self._dataset
-        if self._dataset_ready():
+        if self.dataset_ready():
             card = read_json(self.out / DATASET_CARD)
             rows = [json.loads(line) for line in (self.out / DATA_FILE).read_text().splitlines() if line.strip()]
             ctx.say(f"teacher's instruction dataset exists: {self.out / DATA_FILE} — no teacher calls")

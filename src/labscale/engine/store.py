@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from labscale.errors import LabscaleError
 from labscale.secrets import redact
 
 # SQLite's application_id header field marks a file as labscale's ('LbSc'); files of older labscale versions
@@ -389,6 +390,14 @@ class Store:
     def latest_experiment(self, name: str | None = None) -> sqlite3.Row | None:
         q = "SELECT * FROM experiments" + (" WHERE name=?" if name else "") + " ORDER BY id DESC LIMIT 1"
         return self.conn.execute(q, (name,) if name else ()).fetchone()
+
+    def require_experiment(self, name: str | None = None) -> sqlite3.Row:
+        """`latest_experiment(name)`, or a one-line error when the database holds none (by that name)."""
+        exp = self.latest_experiment(name)
+        if exp is None:
+            what = f"experiment '{name}'" if name else "any experiment"
+            raise LabscaleError(f"database '{self.path}' holds no results for {what}", "run `labscale run FILE` first")
+        return exp
 
     def experiment_runs(self, exp_id: int) -> list[sqlite3.Row]:
         return self.conn.execute(

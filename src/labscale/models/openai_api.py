@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from labscale.config import ModelSpec
@@ -53,6 +53,8 @@ from labscale.models.base import (
     Prompt,
     TokenPrice,
 )
+
+R = TypeVar("R")  # a result type of `_concurrently`
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_BASE_S = 0.5  # first retry waits about this long; doubles per attempt, with jitter
@@ -235,10 +237,16 @@ class OpenAIBackend(ModelBackend):
         if not requests:
             return []
         client = self.client
-        results: list[GenerationResult | None] = [None] * len(requests)
+        return self._concurrently(lambda r, i: self._one(client, r, i), requests, progress)
+
+    def _concurrently(self, call: Callable[[Any, int], R], requests: list, progress: Progress | None) -> list[R]:
+        """`call(request, index)` for every request on `spec.concurrency` threads, results in request order; the
+        batch's wall time is split evenly into each result's `compute_s` (they sum to the run's API time). The
+        first failure cancels what has not started and propagates."""
+        results: list[Any] = [None] * len(requests)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(self.spec.concurrency, len(requests))) as pool:
-            futures = {pool.submit(self._one, client, r, i): i for i, r in enumerate(requests)}
+            futures = {pool.submit(call, r, i): i for i, r in enumerate(requests)}
             try:
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()
@@ -250,8 +258,8 @@ class OpenAIBackend(ModelBackend):
                 raise
         share = (time.perf_counter() - t0) / len(requests)
         for r in results:
-            r.compute_s = share  # wall time of the batch split evenly: sums to the run's API time
-        return results  # type: ignore[return-value]
+            r.compute_s = share
+        return results
 
     def _one(self, client, request: GenerationRequest, index: int) -> GenerationResult:
         params = request.params
@@ -340,23 +348,7 @@ class OpenAIBackend(ModelBackend):
         if not self.loglikelihood_support()[0]:
             raise NotImplementedError(f"model '{self.spec.label}' gives no log-likelihoods")
         client = self.client
-        results: list[LoglikelihoodResult | None] = [None] * len(requests)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.spec.concurrency, len(requests))) as pool:
-            futures = {pool.submit(self._one_loglikelihood, client, r): i for i, r in enumerate(requests)}
-            try:
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    if progress is not None:
-                        progress(1)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-        share = (time.perf_counter() - t0) / len(requests)
-        for r in results:
-            r.compute_s = share  # type: ignore[union-attr]
-        return results  # type: ignore[return-value]
+        return self._concurrently(lambda r, i: self._one_loglikelihood(client, r), requests, progress)
 
     def _one_loglikelihood(self, client, request: LoglikelihoodRequest) -> LoglikelihoodResult:
         context, continuation = request.context, request.continuation

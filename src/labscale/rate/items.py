@@ -37,14 +37,6 @@ def _input(prediction) -> str:
     return value if value is not None else prediction["prompt"]
 
 
-def experiment_row(store: Store, experiment: str | None):
-    exp = store.latest_experiment(experiment)
-    if exp is None:
-        what = f"experiment '{experiment}'" if experiment else "any experiment"
-        raise LabscaleError(f"database '{store.path}' holds no results for {what}", "run `labscale run FILE` first")
-    return exp
-
-
 def load_items(store: Store, exp_id: int, mode: str, task: str | None = None) -> list[Item]:
     """The experiment's rateable items (see the module docstring), in a fixed order; a one-line error when there
     are none."""

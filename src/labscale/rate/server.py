@@ -14,14 +14,14 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def prepare(db: Path, mode: str, task: str | None, experiment: str | None):
     """(experiment id, items) of the database, read-only; a one-line error when there is nothing to rate."""
     from labscale.engine.store import Store, check_db_path
-    from labscale.rate.items import experiment_row, load_items
+    from labscale.rate.items import load_items
 
     if not db.is_file():
         raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
     check_db_path(db)
     store = Store(db, readonly=True)
     try:
-        exp = experiment_row(store, experiment)
+        exp = store.require_experiment(experiment)
         return int(exp["id"]), load_items(store, exp["id"], mode, task)
     finally:
         store.close()

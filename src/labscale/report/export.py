@@ -39,14 +39,6 @@ def _finite(obj):
     return obj
 
 
-def _experiment(store: Store, experiment: str | None):
-    exp = store.latest_experiment(experiment)
-    if exp is None:
-        what = f"experiment '{experiment}'" if experiment else "any experiment"
-        raise LabscaleError(f"database '{store.path}' holds no results for {what}", "run `labscale run FILE` first")
-    return exp
-
-
 def _human(data: dict) -> dict:
     """The human-evaluation summary (report/human.py) as plain JSON."""
     out = {}
@@ -86,7 +78,7 @@ def build_results(store: Store, experiment: str | None = None) -> dict:
     from labscale.report.human import human_data
     from labscale.report.verdicts import compute_verdicts, margin_for
 
-    exp = _experiment(store, experiment)
+    exp = store.require_experiment(experiment)
     config = json.loads(exp["config_json"])
     env = json.loads(exp["environment_json"])
     runs = [StoredRun(store, r) for r in store.experiment_runs(exp["id"])]
@@ -166,7 +158,7 @@ def results_csv(results: dict) -> str:
 
 def samples(store: Store, experiment: str | None = None):
     """One dict per run × example (see the module docstring), in run and example order."""
-    exp = _experiment(store, experiment)
+    exp = store.require_experiment(experiment)
     for row in store.experiment_runs(exp["id"]):
         r = StoredRun(store, row)
         decoding = json.loads(row["decoding_json"])

@@ -18,10 +18,7 @@ from labscale.report.runs import StoredRun, adapter_runs, result_cell, shown_met
 
 
 def build_report(store: Store, experiment: str | None = None, bootstrap_samples: int | None = None) -> str:
-    exp = store.latest_experiment(experiment)
-    if exp is None:
-        what = f"experiment '{experiment}'" if experiment else "any experiment"
-        raise LabscaleError(f"database '{store.path}' holds no results for {what}", "run `labscale run FILE` first")
+    exp = store.require_experiment(experiment)
     config = json.loads(exp["config_json"])
     env = json.loads(exp["environment_json"])
     runs = [StoredRun(store, r) for r in store.experiment_runs(exp["id"])]

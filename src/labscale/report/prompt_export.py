@@ -25,10 +25,7 @@ def _slug(text: str) -> str:
 
 
 def compiled_runs(store, experiment: str | None = None) -> tuple[dict, list[StoredRun]]:
-    exp = store.latest_experiment(experiment)
-    if exp is None:
-        what = f"experiment '{experiment}'" if experiment else "any experiment"
-        raise LabscaleError(f"database '{store.path}' holds no results for {what}", "run `labscale run FILE` first")
+    exp = store.require_experiment(experiment)
     runs = [StoredRun(store, r) for r in store.experiment_runs(exp["id"])]
     return dict(exp), [r for r in runs if r.task_info.get("compiled")]
 

