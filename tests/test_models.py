@@ -671,6 +671,41 @@ def test_shared_prefix_loglikelihoods_equal_plain_scoring(tiny_llm, monkeypatch)
     assert res[0].logprob < 0 and math.isclose(res[1].logprob, packed[0].logprob, abs_tol=1e-4)
 
 
+def test_short_questions_share_a_model_row_and_score_as_alone(tiny_llm, monkeypatch):
+    """fill_bins lays short packed rows end to end in one model row (each its own positions and mask block): the
+    log-probabilities are those of plain scoring, one row per choice."""
+    from labscale.models.hf import loglikelihood as ll
+
+    long_ctx = "Doctor: How are you feeling today? Patient: I have had a headache since monday, and it is worse at night."
+    contexts = [long_ctx, "Q: sky? A:", "Q: sea? A:", "Q: grass? A:", "Q: snow? A:"]
+    choices = [" blue", " green", " white"]
+    reqs = [LoglikelihoodRequest(c, ch) for c in contexts for ch in choices]
+    seen = []
+    real = ll.score_packed
+
+    def spy(model, batch, *a, **k):
+        seen.extend(len(segments) for segments in batch)
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(ll, "score_packed", spy)
+    packed = backend(tiny_llm, batch_size=4).loglikelihood(reqs)
+    assert max(seen) >= 2 and sum(seen) == len(contexts)  # short questions shared a model row
+    plain_backend = backend(tiny_llm, batch_size=4)
+    plain_backend.pack_loglikelihoods = False
+    for req, a, b in zip(reqs, packed, plain_backend.loglikelihood(reqs)):
+        assert math.isclose(a.logprob, b.logprob, rel_tol=1e-5, abs_tol=1e-4), req
+        assert a.is_greedy == b.is_greedy and a.n_tokens == b.n_tokens
+
+
+def test_fill_bins_is_best_fit_decreasing():
+    from labscale.models.hf.loglikelihood import _Row, fill_bins
+
+    rows = [_Row(tuple(range(n)), [(1,)]) for n in (10, 6, 5, 4, 3, 1)]  # lengths 10, 6, 5, 4, 3, 1
+    bins = fill_bins(rows)
+    assert [[r.length for r in b] for b in bins] == [[10], [6, 4], [5, 3, 1]]
+    assert fill_bins([]) == []
+
+
 def test_shared_prefix_check_falls_back_when_a_model_disagrees(tiny_llm, monkeypatch):
     """The first packed batch is checked against plain scoring; on disagreement the backend scores plainly."""
     from labscale.models.base import LoglikelihoodResult
