@@ -118,6 +118,24 @@ def _scores(db: Path) -> dict[str, float]:
         conn.close()
 
 
+def _rescore(exp, db, card):
+    """The experiment's one compile adaptation, its compiler over `db`'s cache, and the card's program rescored on
+    dev."""
+    from labscale.adapt.adaptation import AdaptContext
+    from labscale.adapt.optimize import program_of
+    from labscale.config import load_experiment
+    from labscale.engine.store import Store
+    from labscale.experiment import validate
+
+    (adaptation,) = validate(load_experiment(exp)).adaptations
+    store = Store(db)
+    try:
+        compiler = adaptation.compiler(AdaptContext(store, lambda m: None))
+        return adaptation, compiler, compiler.score(program_of(card, adaptation.task))
+    finally:
+        store.close()
+
+
 def test_fewshot_random_search_picks_demos_from_train_and_wins_on_dev(tmp_path, parity, scripted, capsys,
                                                                        monkeypatch):
     exp = _experiment(tmp_path, parity, ["optimized:fewshot:2"], max_bootstrapped_demos=2, max_labeled_demos=2)
@@ -148,10 +166,7 @@ def test_fewshot_random_search_picks_demos_from_train_and_wins_on_dev(tmp_path, 
 
 def test_dev_score_equals_a_recomputation_and_an_identical_rerun_compiles_nothing(tmp_path, parity, scripted, capsys,
                                                                                 monkeypatch):
-    from labscale.adapt.adaptation import AdaptContext
-    from labscale.adapt.optimize import program_of
     from labscale.config import load_experiment
-    from labscale.engine.store import Store
     from labscale.experiment import validate
 
     exp = _experiment(tmp_path, parity, ["optimized:fewshot:1"], max_bootstrapped_demos=1, max_labeled_demos=1)
@@ -161,15 +176,8 @@ def test_dev_score_equals_a_recomputation_and_an_identical_rerun_compiles_nothin
     stored = json.loads(Path(card["file"]).read_text())
     assert {k: v for k, v in stored.items()} == {k: v for k, v in card.items() if k != "reused"}
 
-    v = validate(load_experiment(exp))
-    (adaptation,) = v.adaptations
+    adaptation, compiler, again = _rescore(exp, db, card)
     assert adaptation.identity == card["identity"] and adaptation.reused
-    store = Store(db)
-    try:
-        compiler = adaptation.compiler(AdaptContext(store, lambda m: None))
-        again = compiler.score(program_of(card, adaptation.task))
-    finally:
-        store.close()
     assert again.score == card["dev"]["score"] and again.n == card["dev"]["n"]
     assert compiler.cache.counts.new == 0  # every dev answer came from the cache
 
@@ -305,11 +313,6 @@ def _real_experiment(tmp_path: Path, name: str = "compile") -> Path:
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_compile_on_the_embedded_model(tmp_path, capsys, monkeypatch):
-    from labscale.adapt.adaptation import AdaptContext
-    from labscale.adapt.optimize import program_of
-    from labscale.config import load_experiment
-    from labscale.engine.store import Store
-    from labscale.experiment import validate
     from labscale.tasks.registry import get_task
 
     monkeypatch.chdir(tmp_path)
@@ -324,13 +327,7 @@ def test_compile_on_the_embedded_model(tmp_path, capsys, monkeypatch):
     assert ids and set(ids) <= train and not set(ids) & (dev | test)
     assert card["cost"]["calls"] > 0 and card["cost"]["compute_s"] > 0 and card["cost"]["usd"] > 0
 
-    (adaptation,) = validate(load_experiment(exp)).adaptations
-    store = Store(db)
-    try:
-        compiler = adaptation.compiler(AdaptContext(store, lambda m: None))
-        again = compiler.score(program_of(card, adaptation.task))
-    finally:
-        store.close()
+    adaptation, compiler, again = _rescore(exp, db, card)
     assert again.score == card["dev"]["score"] and compiler.cache.counts.new == 0
 
     code, out, err = cli(capsys, monkeypatch, "run", exp, "--db", db)

@@ -392,6 +392,12 @@ distill_app = typer.Typer(no_args_is_help=True, help="Distil a teacher into a sm
                           "inputs, or LaMini-style on generated instructions (see docs/distill.md).")
 app.add_typer(distill_app, name="distill")
 
+# Flags both `distill` commands share, declared once.
+DISTILL_DB_OPT = typer.Option(None, "--db", help="the generation cache (default runs/distill.db)")
+STUDENT_NAME_OPT = typer.Option(None, "--name", help="the student's name in its card")
+DISTILL_SEED_OPT = typer.Option(None, help="seed (default 0, or --experiment's)")
+DISTILL_BUDGET_OPT = typer.Option(None, "--budget", help="US $ cap for teacher and student together (default 25)")
+
 # `labscale distill` spells config.DistillSpec's fields (FinetuneSpec's and its own) as flags; checks live there.
 DISTILL_FLAGS = {**FINETUNE_FLAGS, "teacher_setting": "--teacher-setting"}
 
@@ -438,19 +444,18 @@ def distill_task(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="the teacher's output budget "
                                                  "(default 64; 256 with cot; or --experiment's generation)"),
     data_only: bool = typer.Option(False, "--data-only", help="stop after the teacher's dataset"),
-    db: Optional[Path] = typer.Option(None, "--db", help="the generation cache (default runs/distill.db)"),
+    db: Optional[Path] = DISTILL_DB_OPT,
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the data and the student (default "
                                        "runs/distilled/<identity>)"),
     experiment: Optional[Path] = typer.Option(None, help="look --teacher, --student and --task up in this "
                                               "experiment file too (its decoding and seed apply)"),
-    name: Optional[str] = typer.Option(None, "--name", help="the student's name in its card"),
+    name: Optional[str] = STUDENT_NAME_OPT,
     quant: Optional[str] = QUANT_OPT,
     recipe: Optional[str] = RECIPE_OPT,
     max_steps: Optional[int] = MAX_STEPS_OPT,
     set_: Optional[list[str]] = SET_OPT,
-    seed: Optional[int] = typer.Option(None, help="seed (default 0, or --experiment's)"),
-    budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap for teacher and student together "
-                                           "(default 25)"),
+    seed: Optional[int] = DISTILL_SEED_OPT,
+    budget: Optional[float] = DISTILL_BUDGET_OPT,
     co2_cap: Optional[float] = CO2_CAP_OPT,
     hardware: Optional[str] = HARDWARE_OPT,
     price_per_hour: Optional[float] = PRICE_OPT,
@@ -486,17 +491,16 @@ def distill_instructions(
                                                   "(default 256)"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="of generation prompts (default 0)"),
     data_only: bool = typer.Option(False, "--data-only", help="stop after the dataset (e.g. to rate it)"),
-    db: Optional[Path] = typer.Option(None, "--db", help="the generation cache (default runs/distill.db)"),
+    db: Optional[Path] = DISTILL_DB_OPT,
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the data and the student"),
     experiment: Optional[Path] = typer.Option(None, help="look --teacher and --student up in this experiment file"),
-    name: Optional[str] = typer.Option(None, "--name", help="the student's name in its card"),
+    name: Optional[str] = STUDENT_NAME_OPT,
     quant: Optional[str] = QUANT_OPT,
     recipe: Optional[str] = RECIPE_OPT,
     max_steps: Optional[int] = MAX_STEPS_OPT,
     set_: Optional[list[str]] = SET_OPT,
-    seed: Optional[int] = typer.Option(None, help="seed (default 0, or --experiment's)"),
-    budget: Optional[float] = typer.Option(None, "--budget", help="US $ cap for teacher and student together "
-                                           "(default 25)"),
+    seed: Optional[int] = DISTILL_SEED_OPT,
+    budget: Optional[float] = DISTILL_BUDGET_OPT,
     co2_cap: Optional[float] = CO2_CAP_OPT,
     hardware: Optional[str] = HARDWARE_OPT,
     price_per_hour: Optional[float] = PRICE_OPT,

@@ -162,6 +162,13 @@ class NotLabscale(sqlite3.DatabaseError):
     """The file is an SQLite database of something else."""
 
 
+def require_db(path: Path) -> None:
+    """What reads results (reports, exports, rating) needs a database written by `labscale run` at `path`."""
+    if not path.is_file():
+        raise LabscaleError(f"database '{path}' does not exist",
+                            "pass --db PATH of a database written by `labscale run`")
+
+
 def check_db_path(path: str | Path) -> None:
     """Before any work: refuse a --db that is a folder, not SQLite, or another program's database (read-only)."""
     from labscale.errors import LabscaleError

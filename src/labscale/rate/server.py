@@ -6,18 +6,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from labscale.errors import LabscaleError
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def prepare(db: Path, mode: str, task: str | None, experiment: str | None):
     """(experiment id, items) of the database, read-only; a one-line error when there is nothing to rate."""
-    from labscale.engine.store import Store, check_db_path
+    from labscale.engine.store import Store, check_db_path, require_db
     from labscale.rate.items import load_items
 
-    if not db.is_file():
-        raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
+    require_db(db)
     check_db_path(db)
     store = Store(db, readonly=True)
     try:

@@ -20,7 +20,7 @@ import io
 import json
 from pathlib import Path
 
-from labscale.engine.store import Store
+from labscale.engine.store import Store, require_db
 from labscale.errors import LabscaleError
 from labscale.report.runs import StoredRun, shown_metric
 
@@ -188,8 +188,7 @@ def write_export(db: Path, fmt: str = "json", out: Path | None = None, experimen
 
     if fmt not in FORMATS:
         raise LabscaleError(f"unknown --format '{fmt}'", "use json or csv")
-    if not db.is_file():
-        raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
+    require_db(db)
     out = out or db.with_suffix(f".{fmt}")
     check_output(out)
     store = Store(db, readonly=True)

@@ -20,8 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from labscale.engine.store import Store
-from labscale.errors import LabscaleError
+from labscale.engine.store import Store, require_db
 from labscale.report.format import fmt
 from labscale.report.runs import StoredRun, adapter_runs, shown_metric
 
@@ -290,8 +289,7 @@ def write_html(db: Path, out: Path | None = None, experiment: str | None = None)
     from labscale.atomic import write_atomic
     from labscale.report.markdown import check_output
 
-    if not db.is_file():
-        raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
+    require_db(db)
     store = Store(db, readonly=True)
     try:
         text = build_html(store, experiment)

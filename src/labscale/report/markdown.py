@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from labscale.atomic import write_atomic
-from labscale.engine.store import Store
+from labscale.engine.store import Store, require_db
 from labscale.errors import LabscaleError
 from labscale.report.format import fmt, fmt_bytes, fmt_rate, table
 from labscale.report.runs import StoredRun, adapter_runs, result_cell, shown_metric
@@ -351,8 +351,7 @@ def _distillation_rows(runs: list[StoredRun]) -> list[str]:
 
 
 def write_report(db: Path, out: Path | None = None, experiment: str | None = None) -> Path:
-    if not db.is_file():
-        raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
+    require_db(db)
     store = Store(db, readonly=True)
     try:
         text = build_report(store, experiment)

@@ -83,11 +83,10 @@ def export_prompt(db: Path, out: Path | None = None, task: str | None = None, mo
                   setting: str | None = None, experiment: str | None = None) -> Path:
     """Write the compiled prompt of one optimized run as a YAML task entry; returns the path."""
     from labscale.atomic import write_atomic
-    from labscale.engine.store import Store
+    from labscale.engine.store import Store, require_db
     from labscale.report.markdown import check_output
 
-    if not db.is_file():
-        raise LabscaleError(f"database '{db}' does not exist", "pass --db PATH of a database written by `labscale run`")
+    require_db(db)
     store = Store(db, readonly=True)
     try:
         exp, runs = compiled_runs(store, experiment)
