@@ -115,3 +115,22 @@ def test_a_data_parallel_run_refuses_what_it_cannot_shard(tiny_llm, tmp_path):
     lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "nope" in lines[0], res.stderr[-2000:]
     assert res.returncode != 0 and not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.subprocess
+def test_two_processes_on_the_embedded_model_give_the_results_of_one(tmp_path):
+    """The same on the real SmolLM2-135M-Instruct: a generate task and a log-likelihood task."""
+    exp = write_experiment(tmp_path / "real.yaml", name="real",
+                           models=[{"id": "embedded:smollm2-135m-instruct", "batch_size": 2}],
+                           tasks=["fact-check", "openbookqa"], limit=5, generation={"max_new_tokens": 6},
+                           bootstrap_samples=200)
+    one = _launch(["run", str(exp), "--db", str(tmp_path / "one.db")], 1, tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launch(["run", str(exp), "--db", str(tmp_path / "two.db")], 2, tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "data-parallel over 2 processes" in two.stderr
+    a, b = _tables(tmp_path / "one.db"), _tables(tmp_path / "two.db")
+    assert len(a["predictions"]) == 10 and a["generations"] and a["loglikelihoods"]
+    for table in ("predictions", "scores", "generations", "loglikelihoods"):
+        assert a[table] == b[table], table

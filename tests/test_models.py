@@ -911,14 +911,17 @@ def test_hub_reachable_is_false_offline_and_without_dns(monkeypatch):
     hub_reachable.cache_clear()
 
 
-def test_device_map_auto_on_cpu_loads_and_scores_as_without(tiny_llm):
-    """`device_map: auto` (accelerate) on a machine without a GPU: everything on the CPU, the same outputs."""
+@pytest.mark.parametrize("which", ["tiny", pytest.param("embedded", marks=[pytest.mark.real_model, pytest.mark.slow])])
+def test_device_map_auto_on_cpu_loads_and_scores_as_without(tiny_llm, which):
+    """`device_map: auto` (accelerate) on a machine without a GPU: everything on the CPU, the same outputs — on the
+    tiny test model and on the real SmolLM2-135M-Instruct."""
     from labscale.config import ModelSpec
     from labscale.models.base import DecodingParams, GenerationRequest, LoglikelihoodRequest
     from labscale.models.registry import resolve_model
 
-    plain = resolve_model(ModelSpec(id=f"hf:{tiny_llm}"))
-    spread = resolve_model(ModelSpec(id=f"hf:{tiny_llm}", device_map="auto"))
+    model = f"hf:{tiny_llm}" if which == "tiny" else "embedded:smollm2-135m-instruct"
+    plain = resolve_model(ModelSpec(id=model))
+    spread = resolve_model(ModelSpec(id=model, device_map="auto"))
     prompt = plain.render([{"role": "user", "content": "The patient reports chest pain."}])
     req = [GenerationRequest(prompt, DecodingParams(max_new_tokens=8))]
     assert spread.generate(req)[0].text == plain.generate(req)[0].text
